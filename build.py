@@ -1,0 +1,106 @@
+"""Install-time build steps: gRPC modules from proto/, the cffi ioctl shim from native/.
+
+setuptools runs these through the cmdclass hooks named in pyproject.toml, so a plain
+`pip install .` needs nothing but a compiler and the Python and kernel headers.
+`python build.py` does the same in place under src/, for working on a checkout.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import cffi
+from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).resolve().parent
+PROTO_DIR = ROOT / "proto"
+NATIVE_DIR = ROOT / "native"
+PROTO_PACKAGE = "nodedev/api"
+NATIVE_MODULE = "nodedev._native"
+
+# Request numbers and constants resolved by the C compiler from linux/kvm.h and
+# linux/vfio.h: nothing here is computed by hand.
+_CDEF = """
+#define KVM_API_VERSION ...
+#define KVM_GET_API_VERSION ...
+#define KVM_CHECK_EXTENSION ...
+#define VFIO_API_VERSION ...
+#define VFIO_GET_API_VERSION ...
+#define VFIO_CHECK_EXTENSION ...
+#define VFIO_GROUP_GET_STATUS ...
+#define VFIO_GROUP_FLAGS_VIABLE ...
+#define VFIO_GROUP_FLAGS_CONTAINER_SET ...
+#define VFIO_TYPE1_IOMMU ...
+#define VFIO_TYPE1v2_IOMMU ...
+
+long nodedev_ioctl(int fd, unsigned long request, unsigned long arg);
+int nodedev_vfio_group_status(int fd, unsigned int *flags);
+"""
+
+
+def ffibuilder() -> cffi.FFI:
+    ffi = cffi.FFI()
+    ffi.cdef(_CDEF)
+    ffi.set_source(
+        NATIVE_MODULE,
+        '#include "ioctl_shim.h"',
+        sources=[str(NATIVE_DIR / "ioctl_shim.c")],
+        include_dirs=[str(NATIVE_DIR)],
+    )
+    return ffi
+
+
+def generate_protos(out_root: Path) -> None:
+    """Writes nodedev/api/*_pb2*.py under out_root with package-qualified imports."""
+    from grpc_tools import protoc  # build-time only dependency
+    import grpc_tools
+
+    (out_root / PROTO_PACKAGE).mkdir(parents=True, exist_ok=True)
+    well_known = Path(grpc_tools.__file__).parent / "_proto"
+    for proto in sorted(PROTO_DIR.glob("*.proto")):
+        args = [
+            "protoc",
+            f"-I{PROTO_PACKAGE}={PROTO_DIR}",
+            f"-I{well_known}",
+            f"--python_out={out_root}",
+            f"--pyi_out={out_root}",
+            f"--grpc_python_out={out_root}",
+            f"{PROTO_PACKAGE}/{proto.name}",
+        ]
+        if protoc.main(args) != 0:
+            raise RuntimeError(f"protoc failed on {proto}")
+
+
+class BuildPy(build_py):
+    def run(self) -> None:
+        super().run()
+        generate_protos(Path(self.build_lib))
+
+
+class BuildExt(build_ext):
+    """Emits the cffi C source for the shim before compiling it."""
+
+    def run(self) -> None:
+        for ext in self.extensions:
+            if ext.name == NATIVE_MODULE:
+                generated = Path(self.build_temp) / "_native.c"
+                generated.parent.mkdir(parents=True, exist_ok=True)
+                ffibuilder().emit_c_code(str(generated))
+                ext.sources = [str(generated), str(NATIVE_DIR / "ioctl_shim.c")]
+                ext.include_dirs = [*ext.include_dirs, str(NATIVE_DIR)]
+        super().run()
+
+
+def build_in_place() -> None:
+    src = ROOT / "src"
+    generate_protos(src)
+    ffibuilder().compile(tmpdir=str(src), verbose=False)
+    for leftover in (src / "nodedev").glob("_native.[co]"):
+        leftover.unlink()
+
+
+if __name__ == "__main__":
+    build_in_place()
+    sys.exit(0)
