@@ -1,0 +1,5 @@
+import sys
+
+from nodedev.cli import main
+
+sys.exit(main())

@@ -1,0 +1,254 @@
+"""The device side of the daemon: drivers, their scans, and what changed.
+
+The inventory starts every enabled driver, rescans a driver when something asks
+(a kernel event, a watched path, the driver itself, the periodic resync), checks
+and diffs the snapshot it returns, and tells listeners which resources changed.
+It knows nothing of gRPC; `serve` puts the kubelet side on top of it, `watch`
+prints its changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from nodedev.config import Config, EnabledDriver, resource_name_problem
+from nodedev.driver import MAX_DEVICE_ID_LENGTH, Device, Driver, DriverError, HostContext
+
+if TYPE_CHECKING:
+    from nodedev.hotplug import HotplugEngine
+
+log = logging.getLogger("nodedev.inventory")
+
+RESCAN_SPACING_S = 0.1
+"""The least time between two scans of one driver. The first event of a burst is
+scanned at once; the rest of the burst folds into one scan per spacing."""
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One device that appeared, vanished or changed health, numa or reason."""
+
+    driver: str
+    resource: str
+    before: Device | None
+    after: Device | None
+
+
+Listener = Callable[[str, Mapping[str, Device], Sequence[Change]], None]
+"""Called on the loop with a resource, all its devices now, and what changed."""
+
+
+@dataclass(eq=False)
+class DriverRunner:
+    """One enabled driver and its last good snapshot."""
+
+    name: str
+    driver: Driver | None = None
+    error: str | None = None
+    devices: dict[str, dict[str, Device]] = field(default_factory=dict)
+    wanted: asyncio.Event = field(default_factory=asyncio.Event)
+    last_scan: float = 0.0
+    scans: int = 0
+
+
+class Inventory:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.runners: dict[str, DriverRunner] = {}
+        self.owners: dict[str, str] = {}
+        self._listeners: list[Listener] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.events: HotplugEngine | None = None
+
+    def add_listener(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    @property
+    def started(self) -> list[DriverRunner]:
+        return [r for r in self.runners.values() if r.driver is not None]
+
+    def resources(self) -> dict[str, tuple[DriverRunner, dict[str, Device]]]:
+        return {res: (r, devs) for r in self.started for res, devs in r.devices.items()}
+
+    async def start(self, *, hotplug: bool = True) -> None:
+        """Starts every driver (concurrently; a failure disables that driver only) and scans them."""
+        self._loop = asyncio.get_running_loop()
+        runners = [self._runner(enabled) for enabled in self.config.drivers]
+        self.runners = {r.name: r for r in runners}
+        await asyncio.gather(*(self._start_driver(r) for r in self.started))
+        await asyncio.gather(*(self._scan(r) for r in self.started))
+        for runner in self.started:
+            self._tasks.append(asyncio.create_task(self._rescan_loop(runner), name=f"rescan-{runner.name}"))
+        if self.config.hotplug.resync_seconds > 0:
+            self._tasks.append(asyncio.create_task(self._resync_loop(), name="resync"))
+        if hotplug:
+            self._start_events()
+
+    async def stop(self) -> None:
+        if self.events is not None:
+            self.events.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for runner in self.started:
+            try:
+                await asyncio.to_thread(runner.driver.stop)  # type: ignore[union-attr]
+            except Exception as err:  # noqa: BLE001 - a driver's stop must not block the others'
+                log.warning("driver %s: stop failed: %s", runner.name, err)
+
+    def request_rescan(self, driver: str) -> None:
+        """Asks for a scan of one driver soon; requests made while one runs fold into one."""
+        runner = self.runners.get(driver)
+        if runner is not None and runner.driver is not None:
+            runner.wanted.set()
+
+    def resync_all(self, reason: str) -> None:
+        log.info("resyncing every driver: %s", reason)
+        for runner in self.started:
+            runner.wanted.set()
+
+    def _runner(self, enabled: EnabledDriver) -> DriverRunner:
+        runner = DriverRunner(name=enabled.name)
+        context = HostContext(
+            sysfs_root=self.config.sysfs_root,
+            dev_root=self.config.dev_root,
+            rescan=lambda: self._rescan_threadsafe(enabled.name),
+            log=logging.getLogger(f"nodedev.drivers.{enabled.name}"),
+        )
+        try:
+            runner.driver = enabled.cls(enabled.options, context)
+        except Exception as err:  # noqa: BLE001 - reported, and the other drivers go on
+            runner.error = f"cannot build driver: {err}"
+            log.error("driver %s: %s", enabled.name, runner.error)
+        return runner
+
+    def _rescan_threadsafe(self, driver: str) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.request_rescan, driver)
+
+    async def _start_driver(self, runner: DriverRunner) -> None:
+        assert runner.driver is not None
+        try:
+            await asyncio.to_thread(runner.driver.start)
+        except Exception as err:  # noqa: BLE001 - DriverError or a bug: either way this driver stays off
+            runner.error = str(err) if isinstance(err, DriverError) else f"{type(err).__name__}: {err}"
+            runner.driver = None
+            log.error("driver %s: failed to start: %s", runner.name, runner.error)
+        else:
+            log.info("driver %s: started", runner.name)
+
+    def _start_events(self) -> None:
+        from nodedev.hotplug import HotplugEngine  # discover never listens for events
+
+        self.events = HotplugEngine(
+            source=self.config.hotplug.source,
+            on_match=self.request_rescan,
+            on_lost=self.resync_all,
+            log=logging.getLogger("nodedev.hotplug"),
+        )
+        for runner in self.started:
+            assert runner.driver is not None
+            self.events.subscribe(runner.name, runner.driver.udev_matches(), runner.driver.watch_paths())
+        try:
+            self.events.start(asyncio.get_running_loop())
+        except OSError as err:
+            log.error("kernel device events unavailable (%s); relying on the periodic resync", err)
+            self.events = None
+        else:
+            log.info("listening for kernel device events (source %s)", self.events.source)
+
+    async def _rescan_loop(self, runner: DriverRunner) -> None:
+        while True:
+            await runner.wanted.wait()
+            wait = runner.last_scan + RESCAN_SPACING_S - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            runner.wanted.clear()
+            await self._scan(runner)
+
+    async def _resync_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.hotplug.resync_seconds)
+            for runner in self.started:
+                runner.wanted.set()
+
+    async def _scan(self, runner: DriverRunner) -> None:
+        assert runner.driver is not None
+        runner.last_scan = time.monotonic()
+        runner.scans += 1
+        try:
+            snapshot = await asyncio.to_thread(runner.driver.scan)
+        except Exception as err:  # noqa: BLE001 - keep the last good snapshot and say why
+            log.error("driver %s: scan failed, keeping the previous device list: %s", runner.name, err)
+            return
+        self._apply(runner, self._checked(runner.name, snapshot))
+
+    def _checked(self, driver: str, snapshot: Mapping[str, Sequence[Device]]) -> dict[str, dict[str, Device]]:
+        """Drops what the kubelet would refuse, saying which device of which resource and why."""
+        result: dict[str, dict[str, Device]] = {}
+        for resource, devices in snapshot.items():
+            owner = self.owners.setdefault(resource, driver)
+            if owner != driver:
+                log.error("driver %s: resource %s is already served by driver %s; ignored", driver, resource, owner)
+                continue
+            if problem := resource_name_problem(resource):
+                log.error("driver %s: %s; ignored", driver, problem)
+                continue
+            checked: dict[str, Device] = {}
+            for device in devices:
+                if not device.id or len(device.id) > MAX_DEVICE_ID_LENGTH:
+                    log.error("driver %s: %s: device ID %r must be 1 to 63 characters; ignored", driver, resource, device.id)
+                elif device.id in checked:
+                    log.error("driver %s: %s: device ID %r reported twice; keeping the first", driver, resource, device.id)
+                else:
+                    checked[device.id] = device
+            result[resource] = checked
+        return result
+
+    def _apply(self, runner: DriverRunner, new: dict[str, dict[str, Device]]) -> None:
+        old = runner.devices
+        # A resource missing from a scan keeps being served, with no devices.
+        for resource in old.keys() - new.keys():
+            new[resource] = {}
+        runner.devices = new
+        for resource, devices in new.items():
+            changes = _diff(runner.name, resource, old.get(resource), devices)
+            if changes or resource not in old:
+                _log_changes(resource, changes)
+                for listener in self._listeners:
+                    listener(resource, devices, changes)
+
+
+def _diff(driver: str, resource: str, old: Mapping[str, Device] | None, new: Mapping[str, Device]) -> list[Change]:
+    old = old or {}
+    changes = [Change(driver, resource, old.get(i), new.get(i)) for i in old.keys() | new.keys() if old.get(i) != new.get(i)]
+    changes.sort(key=lambda c: natural_key((c.after or c.before).id))  # type: ignore[union-attr]
+    return changes
+
+
+def natural_key(text: str) -> list[int | str]:
+    """Sorts kvm2 before kvm10, as people count."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def _log_changes(resource: str, changes: Sequence[Change]) -> None:
+    """One line per kind of change, so 1000 shares of one node going away is one line."""
+    groups: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for change in changes:
+        if change.after is None:
+            groups[("removed", "")].append(change.before.id)  # type: ignore[union-attr]
+        else:
+            verb = "added" if change.before is None else "now"
+            groups[(f"{verb} {change.after.health.value}", change.after.reason)].append(change.after.id)
+    for (what, reason), ids in groups.items():
+        shown = ", ".join(ids[:4]) + (f" and {len(ids) - 4} more" if len(ids) > 4 else "")
+        level = logging.WARNING if "Unhealthy" in what or what == "removed" else logging.INFO
+        log.log(level, "%s: %d device(s) %s: %s%s", resource, len(ids), what, shown, f" ({reason})" if reason else "")
