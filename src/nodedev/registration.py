@@ -26,6 +26,7 @@ API_VERSION = "v1beta1"
 KUBELET_SOCKET = "kubelet.sock"
 REGISTER_TIMEOUT_S = 12.0
 """Longer than the kubelet's own 10 s dial back to us, so its answer is the one we see."""
+_NO_KUBELET = " does not exist (is the kubelet running?)"
 BACKOFF_FIRST_S = 0.05
 BACKOFF_MAX_S = 5.0
 
@@ -77,7 +78,9 @@ class Registrar:
                 log.info("%s: registered with the kubelet (endpoint %s)", server.resource, server.endpoint)
                 return
             if self._last_problem.get(server.resource) != problem:
-                log.warning("%s: cannot register yet, will keep trying: %s", server.resource, problem)
+                # A missing kubelet.sock is the normal middle of a kubelet restart.
+                level = logging.INFO if problem.endswith(_NO_KUBELET) else logging.WARNING
+                log.log(level, "%s: cannot register yet, will keep trying: %s", server.resource, problem)
                 self._last_problem[server.resource] = problem
             try:
                 await asyncio.wait_for(appeared.wait(), delay)
@@ -89,7 +92,7 @@ class Registrar:
         """One Register call; the problem in words, or None when it succeeded."""
         inode = self._kubelet_inode()
         if inode is None:
-            return f"{self.kubelet_socket} does not exist (is the kubelet running?)"
+            return f"{self.kubelet_socket}{_NO_KUBELET}"
         request = pb.RegisterRequest(
             version=API_VERSION,
             endpoint=server.endpoint,
