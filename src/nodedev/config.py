@@ -28,7 +28,7 @@ class ConfigError(Exception):
 
 
 class HotplugSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, alias_generator=to_camel)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, alias_generator=to_camel, populate_by_name=True)
 
     source: Literal["auto", "udev", "kernel"] = "auto"
     """Netlink source: `udev` events after udevd processed them, `kernel` raw uevents."""
@@ -37,13 +37,13 @@ class HotplugSettings(BaseModel):
 
 
 class _FileModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, alias_generator=to_camel)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, alias_generator=to_camel, populate_by_name=True)
 
     plugin_dir: str = "/var/lib/kubelet/device-plugins"
     sysfs_root: str = "/sys"
     dev_root: str = "/dev"
     hotplug: HotplugSettings = HotplugSettings()
-    drivers: dict[str, dict[str, Any]] = {}
+    drivers: dict[str, dict[str, Any] | None] = {}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,185 @@
+"""The inventory with stand-in drivers: start failures, coalescing, checks on what drivers report."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from nodedev.config import Config, EnabledDriver, HotplugSettings
+from nodedev.driver import Allocation, Device, Driver, DriverError, DriverOptions, Health, Snapshot
+from nodedev.inventory import Change, Inventory
+
+
+class ScriptedDriver(Driver):
+    """Reports whatever the test puts in `snapshot`; counts its scans."""
+
+    name = "scripted"
+    snapshot: Snapshot = {}
+    fail_start: str | None = None
+
+    def __init__(self, options: DriverOptions, host) -> None:
+        super().__init__(options, host)
+        self.scans = 0
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def start(self) -> None:
+        if self.fail_start:
+            raise DriverError(self.fail_start)
+
+    def scan(self) -> Snapshot:
+        self.gate.wait(5)
+        self.scans += 1
+        if isinstance(self.snapshot, Exception):
+            raise self.snapshot
+        return self.snapshot
+
+    def allocate(self, resource: str, device_ids: Sequence[str]) -> Allocation:
+        return Allocation()
+
+
+def driver_class(name: str, **attrs) -> type[ScriptedDriver]:
+    return type(f"Driver_{name}", (ScriptedDriver,), {"name": name, **attrs})
+
+
+def config(*classes: type[Driver]) -> Config:
+    enabled = tuple(EnabledDriver(c.name, c, DriverOptions(enabled=True)) for c in classes)
+    return Config(Path("test.yaml"), Path("/nonexistent"), Path("/sys"), Path("/dev"), HotplugSettings(resync_seconds=0), enabled)
+
+
+def dev(device_id: str, health: Health = Health.HEALTHY, reason: str = "") -> Device:
+    return Device(device_id, health, reason)
+
+
+async def started(*classes: type[Driver]) -> tuple[Inventory, list[tuple[str, list[Change]]]]:
+    inventory = Inventory(config(*classes))
+    seen: list[tuple[str, list[Change]]] = []
+    inventory.add_listener(lambda resource, devices, changes: seen.append((resource, list(changes))))
+    await inventory.start(hotplug=False)
+    return inventory, seen
+
+
+async def until(predicate, timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.005)
+
+
+def test_a_driver_that_fails_to_start_leaves_the_others_running(caplog: pytest.LogCaptureFixture) -> None:
+    broken = driver_class("broken", fail_start="libfoo.so.1 not found")
+    fine = driver_class("fine", snapshot={"example.com/fine": [dev("a")]})
+
+    async def run() -> Inventory:
+        inventory, _ = await started(broken, fine)
+        await inventory.stop()
+        return inventory
+
+    with caplog.at_level(logging.ERROR):
+        inventory = asyncio.run(run())
+
+    assert inventory.runners["broken"].driver is None
+    assert inventory.runners["broken"].error == "libfoo.so.1 not found"
+    assert "driver broken: failed to start: libfoo.so.1 not found" in caplog.text
+    assert list(inventory.runners["fine"].devices["example.com/fine"]) == ["a"]
+
+
+def test_a_burst_of_rescan_requests_folds_into_few_scans() -> None:
+    cls = driver_class("bursty", snapshot={"example.com/x": [dev("a")]})
+
+    async def run() -> int:
+        inventory, _ = await started(cls)
+        driver = inventory.runners["bursty"].driver
+        assert isinstance(driver, ScriptedDriver)
+        driver.gate.clear()  # hold the first rescan while the burst arrives
+        for _ in range(256):
+            inventory.request_rescan("bursty")
+        await asyncio.sleep(0)  # let the rescan loop take the first request
+        for _ in range(256):
+            inventory.request_rescan("bursty")
+        driver.gate.set()
+        await until(lambda: not inventory.runners["bursty"].wanted.is_set() and driver.scans >= 2)
+        await inventory.stop()
+        return driver.scans
+
+    scans = asyncio.run(run())
+    assert 2 <= scans <= 3  # the first scan at start, then one or two for 512 requests
+
+
+def test_what_the_kubelet_would_refuse_is_dropped_and_named(caplog: pytest.LogCaptureFixture) -> None:
+    first = driver_class("first", snapshot={"example.com/shared": [dev("a")]})
+    second = driver_class(
+        "second",
+        snapshot={
+            "example.com/shared": [dev("b")],
+            "example.com/own": [dev("x" * 64), dev("ok"), dev("ok", Health.UNHEALTHY)],
+            "kubernetes.io/own": [dev("z")],
+        },
+    )
+
+    async def run() -> Inventory:
+        inventory, _ = await started(first, second)
+        await inventory.stop()
+        return inventory
+
+    with caplog.at_level(logging.ERROR):
+        inventory = asyncio.run(run())
+
+    assert set(inventory.runners["second"].devices) == {"example.com/own"}
+    assert list(inventory.runners["second"].devices["example.com/own"].values()) == [dev("ok")]
+    assert "resource example.com/shared is already served by driver first; ignored" in caplog.text
+    assert f"device ID '{'x' * 64}' must be 1 to 63 characters" in caplog.text
+    assert "device ID 'ok' reported twice; keeping the first" in caplog.text
+    assert "reserved kubernetes.io domain" in caplog.text
+
+
+def test_a_failed_scan_keeps_the_last_list_and_says_why(caplog: pytest.LogCaptureFixture) -> None:
+    cls = driver_class("flaky", snapshot={"example.com/x": [dev("a")]})
+
+    async def run() -> Inventory:
+        inventory, _ = await started(cls)
+        runner = inventory.runners["flaky"]
+        runner.driver.snapshot = OSError(5, "Input/output error", "/sys/bus/pci/devices/0000:01:00.0/numa_node")  # type: ignore[union-attr]
+        scans = runner.scans
+        inventory.request_rescan("flaky")
+        await until(lambda: runner.scans > scans)
+        await inventory.stop()
+        return inventory
+
+    with caplog.at_level(logging.ERROR):
+        inventory = asyncio.run(run())
+
+    assert list(inventory.runners["flaky"].devices["example.com/x"]) == ["a"]
+    assert "scan failed, keeping the previous device list" in caplog.text
+    assert "0000:01:00.0/numa_node" in caplog.text
+
+
+def test_listeners_hear_each_change_and_a_driver_thread_can_ask_for_a_rescan() -> None:
+    cls = driver_class("changing", snapshot={"example.com/x": [dev("a"), dev("b")]})
+
+    async def run() -> list[tuple[str, list[Change]]]:
+        inventory, seen = await started(cls)
+        driver = inventory.runners["changing"].driver
+        driver.snapshot = {"example.com/x": [dev("a", Health.UNHEALTHY, "XID 79"), dev("c")]}  # type: ignore[union-attr]
+        threading.Thread(target=driver.host.rescan).start()  # type: ignore[union-attr]
+        await until(lambda: len(seen) == 2)
+        driver.snapshot = {}  # type: ignore[union-attr]
+        inventory.request_rescan("changing")
+        await until(lambda: len(seen) == 3)
+        await inventory.stop()
+        return seen
+
+    seen = asyncio.run(run())
+
+    assert [c.after for c in seen[0][1]] == [dev("a"), dev("b")]
+    assert [(c.before, c.after) for c in seen[1][1]] == [
+        (dev("a"), dev("a", Health.UNHEALTHY, "XID 79")),
+        (dev("b"), None),
+        (None, dev("c")),
+    ]
+    assert seen[2][0] == "example.com/x"  # a resource that vanished from the scan is kept, empty
+    assert [(c.before.id, c.after) for c in seen[2][1]] == [("a", None), ("c", None)]  # type: ignore[union-attr]
