@@ -21,34 +21,38 @@ from tests.kubelet import KubeletDouble
 
 
 class NodedevProcess:
-    """A running `nodedev serve`, its stderr collected line by line as it comes."""
+    """A running nodedev command, its stderr and stdout collected line by line as they come."""
 
     def __init__(self, args: list[str], env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self._lines: list[str] = []
         self._cond = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
     def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
             with self._cond:
                 self._lines.append(line.rstrip("\n"))
                 self._cond.notify_all()
         with self._cond:
             self._cond.notify_all()
 
+    def line_count(self) -> int:
+        with self._cond:
+            return len(self._lines)
+
     def logs(self) -> str:
         with self._cond:
             return "\n".join(self._lines)
 
-    def wait_log(self, text: str, timeout: float = 5.0) -> str:
-        """Waits for a stderr line containing `text`; returns it."""
+    def wait_log(self, text: str, timeout: float = 5.0, after: int = 0) -> str:
+        """Waits for an output line containing `text` (from line `after` on); returns it."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                for line in self._lines:
+                for line in self._lines[after:]:
                     if text in line:
                         return line
                 left = deadline - time.monotonic()
@@ -105,10 +109,10 @@ def write_config(tmp_path: Path, plugin_dir: Path) -> Callable[[dict[str, Any]],
 def nodedev(write_config: Callable[[dict[str, Any]], Path]) -> Iterator[Callable[..., NodedevProcess]]:
     started: list[NodedevProcess] = []
 
-    def start(config: dict[str, Any], env: dict[str, str] | None = None, args: list[str] | None = None) -> NodedevProcess:
+    def start(config: dict[str, Any], env: dict[str, str] | None = None, args: list[str] | None = None, command: str = "serve") -> NodedevProcess:
         path = write_config(config)
         process = NodedevProcess(
-            nodedev_command("serve", "--config", str(path), "--log-level", "debug", *(args or [])),
+            nodedev_command(command, "--config", str(path), "--log-level", "debug", *(args or [])),
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
         started.append(process)

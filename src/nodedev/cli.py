@@ -54,6 +54,10 @@ def _parser() -> argparse.ArgumentParser:
     discover.add_argument("--json", action="store_true", help="machine-readable output")
     discover.set_defaults(log_level="warning")
     discover.set_defaults(command=_discover)
+
+    watch = sub.add_parser("watch", parents=[common], help="print every device and health change as it happens")
+    watch.add_argument("--connect", action="store_true", help="follow a running daemon's sockets in pluginDir instead of running the drivers here")
+    watch.set_defaults(command=_watch, log_level="warning")
     return parser
 
 
@@ -61,6 +65,12 @@ async def _serve(cfg: config.Config, args: argparse.Namespace) -> int:
     from nodedev.daemon import Daemon  # gRPC is loaded only by the commands that use it
 
     return await Daemon(cfg).run()
+
+
+async def _watch(cfg: config.Config, args: argparse.Namespace) -> int:
+    from nodedev import watch
+
+    return await (watch.watch_daemon(cfg.plugin_dir) if args.connect else watch.watch_in_process(cfg))
 
 
 async def _discover(cfg: config.Config, args: argparse.Namespace) -> int:

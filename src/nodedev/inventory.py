@@ -84,13 +84,13 @@ class Inventory:
         runners = [self._runner(enabled) for enabled in self.config.drivers]
         self.runners = {r.name: r for r in runners}
         await asyncio.gather(*(self._start_driver(r) for r in self.started))
+        if hotplug:  # listen before the first scan, so a change between the two is not missed
+            self._start_events()
         await asyncio.gather(*(self._scan(r) for r in self.started))
         for runner in self.started:
             self._tasks.append(asyncio.create_task(self._rescan_loop(runner), name=f"rescan-{runner.name}"))
         if self.config.hotplug.resync_seconds > 0:
             self._tasks.append(asyncio.create_task(self._resync_loop(), name="resync"))
-        if hotplug:
-            self._start_events()
 
     async def stop(self) -> None:
         if self.events is not None:
@@ -240,7 +240,15 @@ def natural_key(text: str) -> list[int | str]:
 
 
 def _log_changes(resource: str, changes: Sequence[Change]) -> None:
-    """One line per kind of change, so 1000 shares of one node going away is one line."""
+    for level, line in describe(resource, changes):
+        log.log(level, "%s", line)
+
+
+def describe(resource: str, changes: Sequence[Change]) -> list[tuple[int, str]]:
+    """One line per kind of change, so 1000 shares of one node going away is one line.
+
+    Returns (log level, text): losing devices or health is a warning, the rest info.
+    """
     groups: dict[tuple[str, str], list[str]] = defaultdict(list)
     for change in changes:
         if change.after is None:
@@ -248,7 +256,9 @@ def _log_changes(resource: str, changes: Sequence[Change]) -> None:
         else:
             verb = "added" if change.before is None else "now"
             groups[(f"{verb} {change.after.health.value}", change.after.reason)].append(change.after.id)
+    lines = []
     for (what, reason), ids in groups.items():
         shown = ", ".join(ids[:4]) + (f" and {len(ids) - 4} more" if len(ids) > 4 else "")
         level = logging.WARNING if "Unhealthy" in what or what == "removed" else logging.INFO
-        log.log(level, "%s: %d device(s) %s: %s%s", resource, len(ids), what, shown, f" ({reason})" if reason else "")
+        lines.append((level, f"{resource}: {len(ids)} device(s) {what}: {shown}" + (f" ({reason})" if reason else "")))
+    return lines
