@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -206,3 +207,32 @@ def test_malformed_config_exits_2_with_one_line_naming_the_key(tmp_path: Path, t
     assert lines[0].startswith(f"nodedev: config error: {path}: ")
     assert message in lines[0]
     assert "Traceback" not in result.stderr
+
+
+def test_the_kubelet_double_refuses_a_plugin_that_is_not_serving_yet(kubelet: KubeletDouble) -> None:
+    """As the real kubelet does: Register dials back first, so registering before serving fails."""
+    from nodedev.api import deviceplugin_pb2_grpc as pb_grpc
+
+    kubelet.dial_timeout = 0.5
+    with grpc.insecure_channel(f"unix://{kubelet.socket}") as channel:
+        with pytest.raises(grpc.RpcError) as raised:
+            pb_grpc.RegistrationStub(channel).Register(
+                pb.RegisterRequest(version="v1beta1", endpoint="nobody.sock", resource_name="example.com/x"), timeout=5
+            )
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "cannot dial plugin at nobody.sock" in raised.value.details()
+
+
+def test_json_logs_are_one_object_per_line(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(f"devRoot: {tmp_path}\ndrivers:\n  tun: {{enabled: true, shares: 1}}\n")
+
+    result = subprocess.run(
+        nodedev_command("discover", "--config", str(path), "--log-format", "json", "--log-level", "info"),
+        capture_output=True, text=True, timeout=30,
+    )
+
+    assert result.returncode == 0
+    entries = [json.loads(line) for line in result.stderr.splitlines()]
+    assert {"ts", "level", "logger", "msg"} <= set(entries[0])
+    assert any(e["level"] == "warning" and "tun0" in e["msg"] and "is missing" in e["msg"] for e in entries)
