@@ -1,4 +1,5 @@
-"""Install-time build steps: gRPC modules from proto/, the cffi ioctl shim from native/.
+"""Install-time build steps: gRPC modules from proto/, the cffi ioctl shim from native/,
+and the fake NVML library (native/fake_nvml/) that `nodedev.simulate` loads.
 
 setuptools runs these through the cmdclass hooks named in pyproject.toml, so a plain
 `pip install .` needs nothing but a compiler and the Python and kernel headers.
@@ -7,7 +8,11 @@ setuptools runs these through the cmdclass hooks named in pyproject.toml, so a p
 
 from __future__ import annotations
 
+import os
+import shlex
+import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import cffi
@@ -19,6 +24,9 @@ PROTO_DIR = ROOT / "proto"
 NATIVE_DIR = ROOT / "native"
 PROTO_PACKAGE = "nodedev/api"
 NATIVE_MODULE = "nodedev._native"
+FAKE_NVML_SOURCE = NATIVE_DIR / "fake_nvml" / "fake_nvml.c"
+# Where the fake lives inside the package; nodedev.simulate.fake_library_path() agrees.
+FAKE_NVML_RELPATH = Path("nodedev") / "sim" / "libnvidia-ml.so.1"
 
 # Request numbers and constants resolved by the C compiler from linux/kvm.h and
 # linux/vfio.h: nothing here is computed by hand.
@@ -73,6 +81,25 @@ def generate_protos(out_root: Path) -> None:
             raise RuntimeError(f"protoc failed on {proto}")
 
 
+def build_fake_nvml(out: Path) -> Path:
+    """Compiles the fake libnvidia-ml.so.1 to `out`.
+
+    The SONAME must be libnvidia-ml.so.1: once the file is loaded by path, pynvml's
+    own CDLL("libnvidia-ml.so.1") matches it by soname instead of searching the disk.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cc = shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")
+    cmd = [
+        *cc, "-shared", "-fPIC", "-O2", "-Wall",
+        "-Wl,-soname,libnvidia-ml.so.1",
+        "-o", str(out), str(FAKE_NVML_SOURCE), "-lpthread",
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"compiling {FAKE_NVML_SOURCE} failed:\n{result.stderr}")
+    return out
+
+
 class BuildPy(build_py):
     def run(self) -> None:
         super().run()
@@ -91,6 +118,8 @@ class BuildExt(build_ext):
                 ext.sources = [str(generated), str(NATIVE_DIR / "ioctl_shim.c")]
                 ext.include_dirs = [*ext.include_dirs, str(NATIVE_DIR)]
         super().run()
+        package_root = ROOT / "src" if self.inplace else Path(self.build_lib)
+        build_fake_nvml(package_root / FAKE_NVML_RELPATH)
 
 
 def build_in_place() -> None:
@@ -99,6 +128,7 @@ def build_in_place() -> None:
     ffibuilder().compile(tmpdir=str(src), verbose=False)
     for leftover in (src / "nodedev").glob("_native.[co]"):
         leftover.unlink()
+    build_fake_nvml(src / FAKE_NVML_RELPATH)
 
 
 if __name__ == "__main__":
