@@ -49,7 +49,15 @@ def driver_class(name: str, **attrs) -> type[ScriptedDriver]:
 
 def config(*classes: type[Driver]) -> Config:
     enabled = tuple(EnabledDriver(c.name, c, DriverOptions(enabled=True)) for c in classes)
-    return Config(Path("test.yaml"), Path("/nonexistent"), Path("/sys"), Path("/dev"), HotplugSettings(resync_seconds=0), enabled)
+    return Config(
+        path=Path("test.yaml"),
+        plugin_dir=Path("/nonexistent"),
+        sysfs_root=Path("/sys"),
+        dev_root=Path("/dev"),
+        hotplug=HotplugSettings(resync_seconds=0),
+        metrics_address="",
+        drivers=enabled,
+    )
 
 
 def dev(device_id: str, health: Health = Health.HEALTHY, reason: str = "") -> Device:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
 
 from nodedev import drivers
@@ -43,7 +43,17 @@ class _FileModel(BaseModel):
     sysfs_root: str = "/sys"
     dev_root: str = "/dev"
     hotplug: HotplugSettings = HotplugSettings()
+    metrics_address: str = ""
     drivers: dict[str, dict[str, Any] | None] = {}
+
+    @field_validator("metrics_address")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        if value:
+            _, colon, port = value.rpartition(":")
+            if not colon or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"expected host:port such as 0.0.0.0:9465 or :9465, got {value!r}")
+        return value
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,7 @@ class Config:
     sysfs_root: Path
     dev_root: Path
     hotplug: HotplugSettings
+    metrics_address: str
     drivers: tuple[EnabledDriver, ...]
 
 
@@ -116,6 +127,7 @@ def parse(text: str, path: Path) -> Config:
         sysfs_root=Path(model.sysfs_root),
         dev_root=Path(model.dev_root),
         hotplug=model.hotplug,
+        metrics_address=model.metrics_address,
         drivers=enabled,
     )
 
@@ -157,6 +169,8 @@ def _validate(model: type[M], data: dict[str, Any], path: Path, prefix: str) -> 
         message = first["msg"]
         if first["type"] == "extra_forbidden":
             message = "unknown key"
+        elif first["type"] == "value_error":
+            message = message.removeprefix("Value error, ")
         elif "input" in first and first["type"] not in ("missing",):
             message = f"{message} (got {first['input']!r})"
         raise ConfigError(f"{path}: {where}: {message}") from None

@@ -12,6 +12,7 @@ import logging
 import signal
 from collections.abc import Mapping, Sequence
 
+from nodedev import metrics
 from nodedev.config import Config
 from nodedev.driver import Device
 from nodedev.inventory import Change, Inventory
@@ -43,6 +44,9 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._request_stop, sig)
 
+        if self.config.metrics_address:
+            metrics.serve(self.config.metrics_address)
+            log.info("metrics on http://%s/metrics", self.config.metrics_address)
         self.inventory.add_listener(self._on_resource)
         await self.inventory.start()
         if not self.inventory.started:

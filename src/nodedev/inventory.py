@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from nodedev import metrics
 from nodedev.config import Config, EnabledDriver, resource_name_problem
 from nodedev.driver import MAX_DEVICE_ID_LENGTH, Device, Driver, DriverError, HostContext
 
@@ -141,8 +142,10 @@ class Inventory:
         except Exception as err:  # noqa: BLE001 - DriverError or a bug: either way this driver stays off
             runner.error = str(err) if isinstance(err, DriverError) else f"{type(err).__name__}: {err}"
             runner.driver = None
+            metrics.DRIVER_UP.labels(runner.name).set(0)
             log.error("driver %s: failed to start: %s", runner.name, runner.error)
         else:
+            metrics.DRIVER_UP.labels(runner.name).set(1)
             log.info("driver %s: started", runner.name)
 
     def _start_events(self) -> None:
@@ -187,8 +190,10 @@ class Inventory:
         try:
             snapshot = await asyncio.to_thread(runner.driver.scan)
         except Exception as err:  # noqa: BLE001 - keep the last good snapshot and say why
+            metrics.SCANS.labels(runner.name, "failed").inc()
             log.error("driver %s: scan failed, keeping the previous device list: %s", runner.name, err)
             return
+        metrics.SCANS.labels(runner.name, "ok").inc()
         self._apply(runner, self._checked(runner.name, snapshot))
 
     def _checked(self, driver: str, snapshot: Mapping[str, Sequence[Device]]) -> dict[str, dict[str, Device]]:

@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 
 from nodedev.api import deviceplugin_pb2 as pb
+from nodedev import metrics
 from nodedev.api import deviceplugin_pb2_grpc as pb_grpc
 from nodedev.server import ResourceServer
 
@@ -75,6 +76,7 @@ class Registrar:
             problem = await self._attempt(server)
             if problem is None:
                 self._last_problem[server.resource] = None
+                metrics.REGISTRATIONS.labels(server.resource).inc()
                 log.info("%s: registered with the kubelet (endpoint %s)", server.resource, server.endpoint)
                 return
             if self._last_problem.get(server.resource) != problem:

@@ -17,7 +17,8 @@ import grpc
 
 from nodedev.api import deviceplugin_pb2 as pb
 from nodedev.api import deviceplugin_pb2_grpc as pb_grpc
-from nodedev.driver import Allocation, AllocationError, Device, Driver
+from nodedev import metrics
+from nodedev.driver import Allocation, AllocationError, Device, Driver, Health
 
 log = logging.getLogger("nodedev.server")
 
@@ -54,6 +55,7 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
         self._server: grpc.aio.Server | None = None
         self._closing = False
         self._inode: int | None = None
+        self._allocated_ok = metrics.ALLOCATIONS.labels(resource, "ok")
         self.options = pb.DevicePluginOptions(
             pre_start_required=driver.implements("pre_start"),
             get_preferred_allocation_available=driver.implements("preferred_allocation"),
@@ -112,6 +114,8 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
     def update(self, devices: Mapping[str, Device]) -> None:
         """Takes the full list; wakes the streams only when the kubelet's view changed."""
         self.devices = devices
+        for health in Health:
+            metrics.DEVICES.labels(self.resource, health.value).set(sum(d.health is health for d in devices.values()))
         view = _kubelet_view(devices)
         if view == self._view and self.version > 0:
             return
@@ -151,18 +155,24 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
     async def Allocate(self, request: pb.AllocateRequest, context: grpc.aio.ServicerContext) -> pb.AllocateResponse:
         containers = [list(c.devices_ids) for c in request.container_requests]
         if problem := self._check_ids([i for ids in containers for i in ids]):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+            await self._refuse(context, "refused", grpc.StatusCode.INVALID_ARGUMENT, problem)
         responses = []
         for ids in containers:
             try:
                 allocation = self.driver.allocate(self.resource, ids)
             except AllocationError as err:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.resource}: {err}")
+                await self._refuse(context, "refused", grpc.StatusCode.INVALID_ARGUMENT, f"{self.resource}: {err}")
             except Exception as err:  # noqa: BLE001 - a driver bug fails this pod, not the daemon
                 log.exception("%s: allocate %s failed", self.resource, ids)
-                await context.abort(grpc.StatusCode.INTERNAL, f"{self.resource}: allocate failed: {err}")
+                await self._refuse(context, "failed", grpc.StatusCode.INTERNAL, f"{self.resource}: allocate failed: {err}")
             responses.append(_container_response(allocation))
+        self._allocated_ok.inc()
         return pb.AllocateResponse(container_responses=responses)
+
+    async def _refuse(self, context: grpc.aio.ServicerContext, result: str, code: grpc.StatusCode, message: str) -> None:
+        log.warning("%s", message)
+        metrics.ALLOCATIONS.labels(self.resource, result).inc()
+        await context.abort(code, message)
 
     async def GetPreferredAllocation(
         self, request: pb.PreferredAllocationRequest, context: grpc.aio.ServicerContext
