@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 from pathlib import Path
 
 import cffi
@@ -125,9 +127,9 @@ class BuildExt(build_ext):
 def build_in_place() -> None:
     src = ROOT / "src"
     generate_protos(src)
-    ffibuilder().compile(tmpdir=str(src), verbose=False)
-    for leftover in (src / "nodedev").glob("_native.[co]"):
-        leftover.unlink()
+    with tempfile.TemporaryDirectory() as tmp:
+        built = Path(ffibuilder().compile(tmpdir=tmp, verbose=False))
+        shutil.copy2(built, src / "nodedev" / built.name)
     build_fake_nvml(src / FAKE_NVML_RELPATH)
 
 
