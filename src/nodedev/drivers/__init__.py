@@ -12,6 +12,7 @@ from nodedev.driver import Driver
 
 NAMES: dict[str, str] = {
     "kvm": "nodedev.drivers.devnodes:KvmDriver",
+    "netdev": "nodedev.drivers.netdev:NetdevDriver",
     "tun": "nodedev.drivers.devnodes:TunDriver",
     "vhost-net": "nodedev.drivers.devnodes:VhostNetDriver",
 }

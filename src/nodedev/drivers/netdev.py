@@ -1,0 +1,350 @@
+"""Whole network interfaces as resources: one device per interface, ID = its name.
+
+For pods that take a host interface for themselves (host-device CNI, DPDK on a
+dedicated port, a test NIC). Resources are configured like the SR-IOV device
+plugin's `resourceList`: entries are tried in order and an interface claimed by
+an earlier entry is not offered again, so a narrow entry placed first carves
+interfaces out of a broad one after it.
+
+Selectors: values are ORed within a key and keys are ANDed; an empty or
+missing key matches every interface.
+  * `ifNames`: fnmatch globs on the interface name (`ens*f1`, `eth[23]`).
+  * `drivers`: the kernel driver bound to the interface's parent device, the
+    basename of `device/driver` (`mlx5_core`, `ixgbe`). Virtual interfaces
+    (veth, tap, macvlan, bridges) have no parent device, so no `drivers`
+    entry ever matches them.
+  * `linkTypes`: the ARPHRD link type, by the name iproute2 prints after
+    `link/` (`ether`, `infiniband`, `none` for tun and wireguard, `loopback`,
+    `ipip`, `sit`, `gre`, ...), or its decimal number for any other type.
+
+Never offered: `lo`, and by default (`excludeDefaultRoute`) the interfaces that
+carry a default route together with their lower devices (bond and bridge
+members, a VLAN's parent): handing one to a pod would cut the node off.
+
+Health, chosen for what a pod taking the interface needs:
+  * Unhealthy when operstate is `notpresent` (the driver says the hardware is
+    missing) or `lowerlayerdown` (a macvlan or VLAN whose parent is down, a
+    veth whose peer is down: no traffic can pass whatever the pod does), or
+    when the link is administratively up and still has no carrier (cable
+    pulled, switch port down; what SR-IOV DP users ask for in #362/#363).
+  * Healthy otherwise, notably when the interface is administratively down:
+    interfaces waiting for a pod are commonly left down, the CNI brings them
+    up inside the pod, and their carrier is unknown until then.
+Carrier and up/down changes send no uevent; the hotplug engine hears them on
+rtnetlink, so health follows the link within one rescan.
+
+A known limit: when a CNI moves an interface into a pod's network namespace it
+leaves the node's /sys/class/net, so its ID drops out of the list while the pod
+runs and comes back when the pod ends (physical interfaces return to the host
+namespace; virtual ones are destroyed with the pod).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+from nodedev.driver import (
+    Allocation,
+    Device,
+    Driver,
+    DriverOptions,
+    Health,
+    HostContext,
+    Snapshot,
+    UdevMatch,
+)
+
+DEFAULT_PREFIX = "nodedev.io"
+ENV_PREFIX = "NETDEV_"
+_RESOURCE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+IFF_UP = 0x1
+
+LINK_TYPES: dict[int, str] = {
+    0: "netrom",
+    1: "ether",
+    2: "eether",
+    3: "ax25",
+    6: "ieee802",
+    7: "arcnet",
+    19: "atm",
+    24: "ieee1394",
+    32: "infiniband",
+    256: "slip",
+    280: "can",
+    512: "ppp",
+    513: "hdlc",
+    519: "rawip",
+    768: "ipip",
+    769: "tunnel6",
+    772: "loopback",
+    774: "fddi",
+    776: "sit",
+    778: "gre",
+    779: "pimreg",
+    801: "ieee802.11",
+    803: "ieee802.11/radiotap",
+    804: "ieee802.15.4",
+    820: "phonet",
+    823: "gre6",
+    824: "netlink",
+    825: "6lowpan",
+    826: "vsockmon",
+    65534: "none",
+    65535: "void",
+}
+"""ARPHRD numbers (linux/if_arp.h) to the names `ip link` prints after `link/`."""
+_LINK_TYPE_NAMES = frozenset(LINK_TYPES.values())
+
+
+def link_type_name(number: int) -> str:
+    return LINK_TYPES.get(number, str(number))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, alias_generator=to_camel, populate_by_name=True)
+
+
+class NetdevSelectors(_Section):
+    if_names: list[str] = []
+    drivers: list[str] = []
+    link_types: list[str] = []
+
+    @field_validator("if_names", "drivers")
+    @classmethod
+    def _not_blank(cls, values: list[str]) -> list[str]:
+        if any(not v.strip() for v in values):
+            raise ValueError("entries must not be empty")
+        return values
+
+    @field_validator("link_types")
+    @classmethod
+    def _known_link_type(cls, values: list[str]) -> list[str]:
+        for value in values:
+            if value not in _LINK_TYPE_NAMES and not value.isdigit():
+                known = ", ".join(sorted(_LINK_TYPE_NAMES))
+                raise ValueError(f"unknown link type {value!r} (use an ARPHRD number or one of: {known})")
+        return values
+
+
+class NetdevResource(_Section):
+    resource_name: str
+    resource_prefix: str = DEFAULT_PREFIX
+    selectors: NetdevSelectors = NetdevSelectors()
+
+    @field_validator("resource_name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        if not _RESOURCE_NAME.match(value):
+            raise ValueError(f"resourceName {value!r} may contain only letters, digits, '_' and '-'")
+        return value
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.resource_prefix}/{self.resource_name}"
+
+
+class NetdevOptions(DriverOptions):
+    resource_list: list[NetdevResource] = []
+    exclude_default_route: bool = True
+    """Never offer the interfaces that carry a default route, nor their lower devices."""
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> NetdevOptions:
+        seen: set[str] = set()
+        for resource in self.resource_list:
+            if resource.full_name in seen:
+                raise ValueError(f"resource {resource.full_name!r} is listed twice in resourceList")
+            seen.add(resource.full_name)
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class Interface:
+    """What the selectors and the health rule need of one interface, read from sysfs."""
+
+    name: str
+    arphrd: int
+    driver: str | None
+    numa_node: int | None
+    operstate: str
+    admin_up: bool
+    carrier: bool | None  # None when it cannot be read (link administratively down)
+
+    @property
+    def link_type(self) -> str:
+        return link_type_name(self.arphrd)
+
+
+def env_name(resource: str) -> str:
+    """`nodedev.io/fast-nic` -> `NETDEV_NODEDEV_IO_FAST_NIC`, like SR-IOV DP's PCIDEVICE_ keys."""
+    return ENV_PREFIX + re.sub(r"[./-]", "_", resource.upper())
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def read_interface(net: Path, name: str) -> Interface | None:
+    """None if the interface vanished while being read (a scan racing a removal)."""
+    base = net / name
+    type_text = _read(base / "type")
+    if type_text is None:
+        return None
+    device = base / "device"
+    try:
+        driver: str | None = os.path.basename(os.readlink(device / "driver"))
+    except OSError:
+        driver = None  # a virtual interface, or no driver bound to its device
+    numa = _int(_read(device / "numa_node"))
+    admin_up = bool((_int(_read(base / "flags")) or 0) & IFF_UP)
+    carrier_text = _read(base / "carrier") if admin_up else None
+    arphrd = _int(type_text)
+    return Interface(
+        name=name,
+        arphrd=-1 if arphrd is None else arphrd,
+        driver=driver,
+        numa_node=numa if numa is not None and numa >= 0 else None,
+        operstate=_read(base / "operstate") or "unknown",
+        admin_up=admin_up,
+        carrier=None if carrier_text is None else carrier_text == "1",
+    )
+
+
+def _int(text: str | None) -> int | None:
+    """Decimal or 0x-hex sysfs numbers; None for a missing or garbled file."""
+    if text is None:
+        return None
+    try:
+        return int(text, 0)
+    except ValueError:
+        return None
+
+
+def health(iface: Interface) -> tuple[Health, str]:
+    """The rule in the module docstring, with a reason that says what was seen."""
+    name, state = iface.name, iface.operstate
+    if state == "notpresent":
+        return Health.UNHEALTHY, f"{name}: operstate notpresent (hardware missing)"
+    if state == "lowerlayerdown":
+        return Health.UNHEALTHY, f"{name}: operstate lowerlayerdown (its lower device or peer is down)"
+    if iface.admin_up and iface.carrier is False:
+        return Health.UNHEALTHY, f"{name}: link is up but has no carrier (operstate {state})"
+    if not iface.admin_up:
+        return Health.HEALTHY, f"{name}: administratively down, carrier not checked"
+    return Health.HEALTHY, f"{name}: operstate {state}"
+
+
+def selects(selectors: NetdevSelectors, iface: Interface) -> bool:
+    if selectors.if_names and not any(fnmatch.fnmatchcase(iface.name, g) for g in selectors.if_names):
+        return False
+    if selectors.drivers and iface.driver not in selectors.drivers:
+        return False
+    if selectors.link_types:
+        if iface.link_type not in selectors.link_types and str(iface.arphrd) not in selectors.link_types:
+            return False
+    return True
+
+
+def default_route_interfaces(proc_net: Path) -> set[str]:
+    """Interfaces with an IPv4 or IPv6 default route in this network namespace."""
+    names: set[str] = set()
+    for line in (_read(proc_net / "route") or "").splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 8 and fields[1] == "00000000" and fields[7] == "00000000":
+            names.add(fields[0])
+    for line in (_read(proc_net / "ipv6_route") or "").splitlines():
+        fields = line.split()
+        if len(fields) >= 10 and set(fields[0]) == {"0"} and fields[1] == "00":
+            names.add(fields[9])
+    names.discard("lo")
+    return names
+
+
+def with_lower_devices(net: Path, names: set[str]) -> set[str]:
+    """Adds, transitively, every lower device (`lower_<name>` links: bond and bridge
+    members, a VLAN's or macvlan's parent) of the given interfaces."""
+    result: set[str] = set()
+    pending = list(names)
+    while pending:
+        name = pending.pop()
+        if name in result:
+            continue
+        result.add(name)
+        try:
+            entries = os.listdir(net / name)
+        except OSError:
+            continue
+        pending.extend(entry[len("lower_") :] for entry in entries if entry.startswith("lower_"))
+    return result
+
+
+class NetdevDriver(Driver):
+    name = "netdev"
+    Options: ClassVar[type[DriverOptions]] = NetdevOptions
+
+    proc_net: ClassVar[Path] = Path("/proc/net")
+    """Where the default routes are read; tests point it at a fixture."""
+
+    def __init__(self, options: DriverOptions, host: HostContext) -> None:
+        super().__init__(options, host)
+        assert isinstance(options, NetdevOptions)
+        self._resources = tuple(options.resource_list)
+        self._exclude_default_route = options.exclude_default_route
+        self._env = {r.full_name: env_name(r.full_name) for r in self._resources}
+
+    @classmethod
+    def declared_resources(cls, options: DriverOptions) -> list[str]:
+        assert isinstance(options, NetdevOptions)
+        return [r.full_name for r in options.resource_list]
+
+    @property
+    def _net(self) -> Path:
+        return self.host.sysfs_root / "class" / "net"
+
+    def scan(self) -> Snapshot:
+        found: dict[str, list[Device]] = {r.full_name: [] for r in self._resources}
+        try:
+            names = sorted(os.listdir(self._net))
+        except FileNotFoundError:
+            return found
+        excluded = {"lo"}
+        if self._exclude_default_route:
+            excluded |= with_lower_devices(self._net, default_route_interfaces(self.proc_net))
+        for name in names:
+            if name in excluded:
+                continue
+            iface = read_interface(self._net, name)
+            if iface is None or iface.link_type == "loopback":
+                continue
+            for resource in self._resources:
+                if selects(resource.selectors, iface):
+                    state, reason = health(iface)
+                    numa = () if iface.numa_node is None else (iface.numa_node,)
+                    found[resource.full_name].append(Device(id=name, health=state, reason=reason, numa_nodes=numa))
+                    break
+        return found
+
+    def allocate(self, resource: str, device_ids: Sequence[str]) -> Allocation:
+        return Allocation(envs={self._env.get(resource, env_name(resource)): ",".join(device_ids)})
+
+    def udev_matches(self) -> Sequence[UdevMatch]:
+        """Only the names some entry can select, when every entry names them: a node
+        churning pod veths then does not rescan us for each one."""
+        globs: list[str] = []
+        for resource in self._resources:
+            if not resource.selectors.if_names:
+                return (UdevMatch("net"),)
+            globs.extend(g for g in resource.selectors.if_names if g not in globs)
+        return tuple(UdevMatch("net", g) for g in globs)
