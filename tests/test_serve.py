@@ -191,6 +191,22 @@ BAD_CONFIGS = [
     ("drivers:\n  kvm: {enabled: true\n", "not valid YAML (line 3, column 1)"),
     ("- just\n- a list\n", "the top level must be a mapping"),
     ("drivers:\n  kvm: {enabled: true, shares: 0}\n", "drivers.kvm.shares: Input should be greater than or equal to 1"),
+    (
+        "drivers:\n  kvm: {enabled: true}\n  netdev: {enabled: true, resourceList: [{resourceName: kvm, resourcePrefix: devices.kubevirt.io}]}\n",
+        "drivers.netdev: resource 'devices.kubevirt.io/kvm' is already served by drivers.kvm",
+    ),
+    (
+        "drivers:\n  netdev: {enabled: true, resourceList: [{resourceName: 'bad name'}]}\n",
+        "drivers.netdev.resourceList[0].resourceName: resourceName 'bad name' may contain only letters, digits",
+    ),
+    (
+        "drivers:\n  netdev: {enabled: true, resourceList: [{resourceName: x, resourcePrefix: Bad_Domain}]}\n",
+        "drivers.netdev: resource name 'Bad_Domain/x': 'Bad_Domain' is not a DNS subdomain",
+    ),
+    (
+        "drivers:\n  netdev: {enabled: true, resourceList: [{resourceName: x, selectors: {ifNames: [1]}}]}\n",
+        "drivers.netdev.resourceList[0].selectors.ifNames[0]: Input should be a valid string (got 1)",
+    ),
 ]
 
 
