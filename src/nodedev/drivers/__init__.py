@@ -13,6 +13,7 @@ from nodedev.driver import Driver
 NAMES: dict[str, str] = {
     "kvm": "nodedev.drivers.devnodes:KvmDriver",
     "netdev": "nodedev.drivers.netdev:NetdevDriver",
+    "nvidia": "nodedev.drivers.nvidia:NvidiaDriver",
     "tun": "nodedev.drivers.devnodes:TunDriver",
     "vhost-net": "nodedev.drivers.devnodes:VhostNetDriver",
 }

@@ -1,0 +1,107 @@
+"""NVIDIA driver figures for the README (not a test): run `python benchmarks/bench_nvidia.py`.
+
+On the fake NVML's dgx-8 fixture (8 GPUs, NVLink mesh, two NUMA nodes), measures
+the driver calls the host makes on its event loop, without gRPC:
+- preferred_allocation() over 2000 calls of mixed sizes (1..8), random available
+  subsets and must-include IDs, full GPUs (the topology search);
+- preferred_allocation() on 8 GPUs x 10 time-sliced replicas (the spread policy);
+- allocate() on 8 GPUs x 10 replicas, requests of 1..4 replica IDs;
+- start() (NVML init, discovery, topology read, event thread) and one scan().
+
+On a busy 2-core machine the tails (p99, max) move with whatever else runs;
+run it a few times.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from nodedev import simulate  # noqa: E402
+from nodedev.driver import HostContext  # noqa: E402
+from nodedev.drivers.nvidia import NvidiaDriver, NvidiaOptions  # noqa: E402
+
+CALLS = 2000
+GPU = "nvidia.com/gpu"
+
+
+def driver_on(node: simulate.SimulatedNode, **section: object) -> NvidiaDriver:
+    host = HostContext(node.sysfs_root, node.dev_root, threading.Event().set, logging.getLogger("bench"))
+    options = NvidiaOptions.model_validate({"enabled": True, "procRoot": str(node.proc_root), **section})
+    return NvidiaDriver(options, host)
+
+
+def timed(calls: list[Callable[[], object]]) -> list[float]:
+    samples = []
+    for call in calls:
+        started = time.perf_counter_ns()
+        call()
+        samples.append((time.perf_counter_ns() - started) / 1e6)
+    return samples
+
+
+def row(name: str, samples: list[float]) -> str:
+    ordered = sorted(samples)
+    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    return f"| {name} | {len(samples)} | {statistics.median(ordered):.3f} | {p99:.3f} | {ordered[-1]:.3f} |"
+
+
+def main() -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="bench-nvidia-"))
+    node = simulate.prepare(simulate.resolve_fixture("dgx-8"), workdir / "node")
+    driver = driver_on(node)
+    start = timed([driver.start])
+    scan = timed([driver.scan])
+    driver.stop()
+    rows = [row("start() on dgx-8", start), row("scan() on dgx-8", scan)]
+    rows += calls_rows(node)
+    print("| call | n | p50 ms | p99 ms | max ms |")
+    print("|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+def calls_rows(node: simulate.SimulatedNode) -> list[str]:
+    rng = random.Random(7)
+    rows = []
+    driver = driver_on(node)
+    driver.start()
+    driver.scan()
+    ids = [g.uuid for g in node.gpus]
+    calls: list[Callable[[], object]] = []
+    for _ in range(CALLS):
+        free = rng.sample(ids, rng.randint(1, 8))
+        size = rng.randint(1, len(free))
+        must = rng.sample(free, rng.randint(0, min(2, size)))
+        calls.append(lambda f=free, m=must, s=size: driver.preferred_allocation(GPU, f, m, s))
+    timed(calls[:100])  # warm-up
+    rows.append(row(f"preferred_allocation, 8 GPUs, sizes 1-8", timed(calls)))
+    full = [lambda s=s: driver.preferred_allocation(GPU, ids, [], s) for s in (2, 3, 4, 5) for _ in range(CALLS // 4)]
+    rows.append(row(f"preferred_allocation, all 8 free, sizes 2-5", timed(full)))
+    driver.stop()
+
+    shared = driver_on(node, sharing={"timeSlicing": {"resources": [{"name": GPU, "replicas": 10}]}})
+    shared.start()
+    replicas = [d.id for d in shared.scan()[GPU]]
+    spread = []
+    for _ in range(CALLS):
+        free = rng.sample(replicas, rng.randint(8, 80))
+        spread.append(lambda f=free: shared.preferred_allocation(GPU, f, [], min(len(f), rng.randint(1, 8))))
+    rows.append(row(f"preferred_allocation, 8 x 10 replicas", timed(spread)))
+    allocs = [lambda r=rng.sample(replicas, rng.randint(1, 4)): shared.allocate(GPU, r) for _ in range(CALLS)]
+    timed(allocs[:100])
+    rows.append(row(f"allocate, 8 x 10 replicas, 1-4 IDs", timed(allocs)))
+    shared.stop()
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""The `drivers.nvidia` config section.
+
+Layout decision: the section mirrors NVIDIA k8s-device-plugin's config file
+(`version`, `flags`, `flags.plugin`, `sharing.timeSlicing`) with NVIDIA's exact
+key spellings, so an existing NVIDIA config can be pasted under `drivers.nvidia`
+unchanged. There is one place for each key; NVIDIA's flags are *not* also
+accepted flat at the top of the section, so nobody has to guess which of two
+spellings wins. nodedev's own keys (`health`, `cdiRoot`, `procRoot`) sit at the
+top of the section, beside `flags` and `sharing`::
+
+    drivers:
+      nvidia:
+        enabled: true
+        version: v1                       # optional; only v1 exists
+        flags:
+          migStrategy: none               # none | single | mixed
+          failOnInitError: true
+          nvidiaDriverRoot: null          # also the dev root when nvidiaDevRoot is unset
+          nvidiaDevRoot: null             # device nodes are <root>/dev/...; null = nodedev's devRoot
+          gdrcopyEnabled: false           # NVIDIA_GDRCOPY=enabled in every Allocate
+          gdsEnabled: false               # NVIDIA_GDS=enabled
+          mofedEnabled: false             # NVIDIA_MOFED=enabled
+          deviceDiscoveryStrategy: auto   # auto | nvml (tegra is not supported)
+          plugin:
+            passDeviceSpecs: false
+            deviceListStrategy: envvar    # or a list / comma list of envvar, volume-mounts,
+                                          # cdi-annotations, cdi-cri
+            deviceIDStrategy: uuid        # uuid | index
+            cdiAnnotationPrefix: cdi.k8s.io/
+            sharedDevicesAllocationPolicy: distributed   # distributed | packed
+        sharing:
+          timeSlicing:
+            renameByDefault: false
+            failRequestsGreaterThanOne: false
+            resources:
+              - name: nvidia.com/gpu
+                replicas: 4
+        health:
+          enabled: true
+          ignoredXids: [13, 31, 43, 45, 68, 109]   # replaces the default list
+          criticalXids: []                          # always critical, even if ignored
+          quietPeriodSeconds: 300                   # null: never recover (NVIDIA's behaviour)
+          probeIntervalSeconds: 5
+        cdiRoot: /var/run/cdi
+        procRoot: /proc
+
+What NVIDIA accepts and nodedev refuses, so a pasted config fails loudly rather
+than silently behaving differently: `sharing.mps` (needs NVIDIA's MPS control
+daemon), per-resource `rename`/`devices` (NVIDIA itself strips them),
+`resources`, `imex`, and the container-toolkit paths (`nvidiaCTKPath`,
+`containerDriverRoot`), since nodedev writes its own CDI spec.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+from nodedev.driver import DriverOptions
+
+GPU_RESOURCE = "nvidia.com/gpu"
+MIG_RESOURCE_PREFIX = "nvidia.com/mig-"
+DEFAULT_IGNORED_XIDS: tuple[int, ...] = (13, 31, 43, 45, 68, 109)
+"""NVIDIA's default: application errors (13, 31, 43, 45, 68) and 109 (context switch timeout)."""
+
+DEVICE_LIST_STRATEGIES = ("envvar", "volume-mounts", "cdi-annotations", "cdi-cri")
+CDI_STRATEGIES = frozenset({"cdi-annotations", "cdi-cri"})
+
+
+class _Section(BaseModel):
+    """Same rules as DriverOptions for every nested mapping: camelCase, strict, no unknown keys."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        frozen=True,
+        alias_generator=to_camel,
+        populate_by_name=True,
+    )
+
+
+class PluginFlags(_Section):
+    pass_device_specs: bool = False
+    """Also return the device nodes as DeviceSpecs, for kubelets with the static CPU manager."""
+    device_list_strategy: str | list[str] = "envvar"
+    device_id_strategy: Literal["uuid", "index"] = Field(default="uuid", alias="deviceIDStrategy")
+    cdi_annotation_prefix: str = "cdi.k8s.io/"
+    shared_devices_allocation_policy: Literal["distributed", "packed"] = "distributed"
+
+    @field_validator("device_list_strategy")
+    @classmethod
+    def _known_strategies(cls, value: str | list[str]) -> str | list[str]:
+        names = _split_strategies(value)
+        if not names:
+            raise ValueError("at least one device list strategy is needed")
+        for name in names:
+            if name not in DEVICE_LIST_STRATEGIES:
+                raise ValueError(f"unknown device list strategy {name!r} (known: {', '.join(DEVICE_LIST_STRATEGIES)})")
+        return value
+
+    @field_validator("cdi_annotation_prefix")
+    @classmethod
+    def _prefix_ends_in_slash(cls, value: str) -> str:
+        if not value.endswith("/") or value.count("/") != 1:
+            raise ValueError("must be a domain followed by one '/', like 'cdi.k8s.io/'")
+        return value
+
+    @property
+    def device_list_strategies(self) -> tuple[str, ...]:
+        return _split_strategies(self.device_list_strategy)
+
+
+def _split_strategies(value: str | list[str]) -> tuple[str, ...]:
+    """NVIDIA takes a list or one string, and its CLI form separates several with commas."""
+    items = [value] if isinstance(value, str) else value
+    seen: dict[str, None] = {}
+    for item in items:
+        for part in item.split(","):
+            if part.strip():
+                seen[part.strip()] = None
+    return tuple(seen)
+
+
+class Flags(_Section):
+    mig_strategy: Literal["none", "single", "mixed"] = "none"
+    fail_on_init_error: bool = True
+    nvidia_driver_root: str | None = None
+    nvidia_dev_root: str | None = None
+    gdrcopy_enabled: bool = False
+    gds_enabled: bool = False
+    mofed_enabled: bool = False
+    device_discovery_strategy: Literal["auto", "nvml"] = "auto"
+    plugin: PluginFlags = PluginFlags()
+
+
+class ReplicatedResource(_Section):
+    name: str
+    replicas: int = Field(ge=2, le=1000)
+    """NVIDIA requires at least 2; the cap keeps a typo from making ListAndWatch huge."""
+
+    @field_validator("name")
+    @classmethod
+    def _nvidia_resource(cls, value: str) -> str:
+        if value != GPU_RESOURCE and not value.startswith(MIG_RESOURCE_PREFIX):
+            raise ValueError(f"must be {GPU_RESOURCE} or {MIG_RESOURCE_PREFIX}<profile>")
+        return value
+
+
+class TimeSlicing(_Section):
+    rename_by_default: bool = False
+    fail_requests_greater_than_one: bool = False
+    resources: list[ReplicatedResource] = Field(min_length=1)
+
+    @field_validator("resources")
+    @classmethod
+    def _unique_names(cls, value: list[ReplicatedResource]) -> list[ReplicatedResource]:
+        names = [r.name for r in value]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"{name} is listed more than once")
+        return value
+
+
+class Sharing(_Section):
+    time_slicing: TimeSlicing | None = None
+    mps: Any = None
+
+    @field_validator("mps")
+    @classmethod
+    def _no_mps(cls, value: Any) -> Any:
+        if value is not None:
+            raise ValueError("MPS sharing is not supported by nodedev; use sharing.timeSlicing")
+        return value
+
+
+class HealthOptions(_Section):
+    enabled: bool = True
+    """Off: no NVML event thread, every GPU NVML can see is Healthy."""
+    ignored_xids: list[int] = Field(default_factory=lambda: list(DEFAULT_IGNORED_XIDS))
+    """Xids that never mark a device Unhealthy. Replaces NVIDIA's default list when given."""
+    critical_xids: list[int] = []
+    """Xids that always mark a device Unhealthy, even if also in ignoredXids."""
+    quiet_period_seconds: float | None = Field(default=300.0, ge=0)
+    """A faulted GPU is Healthy again once NVML probes it fine and no critical event came
+    for this long. None keeps it Unhealthy until nodedev restarts, as NVIDIA's plugin does."""
+    probe_interval_seconds: float = Field(default=5.0, gt=0, le=3600)
+    """How often the event thread re-probes GPUs between event waits."""
+
+
+class NvidiaOptions(DriverOptions):
+    version: Literal["v1"] = "v1"
+    flags: Flags = Flags()
+    sharing: Sharing = Sharing()
+    health: HealthOptions = HealthOptions()
+    cdi_root: str = "/var/run/cdi"
+    """Where the CDI spec goes when a cdi-* device list strategy is used."""
+    proc_root: str = "/proc"
+    """Where `driver/nvidia/capabilities/...` tells the MIG capability device minors."""
+
+    @model_validator(mode="after")
+    def _mig_names_need_mixed(self) -> NvidiaOptions:
+        slicing = self.sharing.time_slicing
+        if slicing is not None and self.flags.mig_strategy != "mixed":
+            for resource in slicing.resources:
+                if resource.name != GPU_RESOURCE:
+                    raise ValueError(
+                        f"sharing.timeSlicing.resources: {resource.name} exists only with flags.migStrategy mixed"
+                    )
+        return self
+
+    @property
+    def replicas(self) -> dict[str, int]:
+        """Resource name (before any rename) -> replicas per device."""
+        slicing = self.sharing.time_slicing
+        return {r.name: r.replicas for r in slicing.resources} if slicing else {}
+
+    def shared_name(self, resource: str) -> str:
+        """The advertised name: `<name>.shared` for a replicated resource under renameByDefault."""
+        slicing = self.sharing.time_slicing
+        if slicing is not None and slicing.rename_by_default and resource in self.replicas:
+            return f"{resource}.shared"
+        return resource

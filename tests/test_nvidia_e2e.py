@@ -1,0 +1,117 @@
+"""End to end: `nodedev serve` with the NVIDIA driver on the fake NVML, against the kubelet double."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from nodedev import simulate
+from nodedev.api import deviceplugin_pb2 as pb
+from tests.kubelet import KubeletDouble
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+GPU = "nvidia.com/gpu"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fake_library() -> Path:
+    library = simulate.fake_library_path()
+    if not library.is_file():
+        spec = importlib.util.spec_from_file_location("nodedev_build", REPO_ROOT / "build.py")
+        assert spec is not None and spec.loader is not None
+        build = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(build)
+        build.build_fake_nvml(library)
+    return library
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(simulate.ENV_FIXTURE, raising=False)
+    monkeypatch.delenv(simulate.ENV_EVENTS, raising=False)
+
+
+def serve(nodedev, node: simulate.SimulatedNode, **section: object):
+    config = {
+        "sysfsRoot": str(node.sysfs_root),
+        "devRoot": str(node.dev_root),
+        "hotplug": {"resyncSeconds": 0},
+        "drivers": {
+            "nvidia": {
+                "enabled": True,
+                "procRoot": str(node.proc_root),
+                "health": {"quietPeriodSeconds": 1, "probeIntervalSeconds": 0.2},
+                **section,
+            }
+        },
+    }
+    env = {
+        "LD_LIBRARY_PATH": str(simulate.fake_library_path().parent),
+        simulate.ENV_FIXTURE: str(node.fixture),
+        simulate.ENV_EVENTS: str(node.events_file),
+    }
+    return nodedev(config, env=env)
+
+
+def test_kubelet_sees_gpus_allocates_and_follows_health(kubelet: KubeletDouble, nodedev, tmp_path: Path) -> None:
+    node = simulate.prepare(simulate.resolve_fixture("dgx-8"), tmp_path / "node")
+    serve(nodedev, node, flags={"plugin": {"passDeviceSpecs": True}})
+    kubelet.wait(lambda: GPU in kubelet.streaming(), timeout=10, what="nvidia.com/gpu streaming")
+    uuids = [g.uuid for g in node.gpus]
+    assert kubelet.devices(GPU) == {u: ("Healthy", (0,) if i < 4 else (1,)) for i, u in enumerate(uuids)}
+    assert kubelet.options(GPU).get_preferred_allocation_available
+
+    stub = kubelet.stub(GPU)
+    preferred = stub.GetPreferredAllocation(
+        pb.PreferredAllocationRequest(
+            container_requests=[pb.ContainerPreferredAllocationRequest(available_deviceIDs=uuids, allocation_size=2)]
+        ),
+        timeout=5,
+    )
+    assert sorted(preferred.container_responses[0].deviceIDs) == sorted(uuids[2:4])
+
+    response = stub.Allocate(
+        pb.AllocateRequest(container_requests=[pb.ContainerAllocateRequest(devices_ids=uuids[2:4])]), timeout=5
+    )
+    (container,) = response.container_responses
+    assert container.envs["NVIDIA_VISIBLE_DEVICES"] == ",".join(uuids[2:4])
+    assert [d.container_path for d in container.devices][-2:] == ["/dev/nvidia2", "/dev/nvidia3"]
+    assert container.devices[-1].host_path == str(node.dev_root / "nvidia3")
+
+    node.inject("xid 6 79")
+    kubelet.wait(lambda: kubelet.devices(GPU)[uuids[6]][0] == "Unhealthy", timeout=2, what="GPU 6 Unhealthy")
+    kubelet.wait(lambda: kubelet.devices(GPU)[uuids[6]][0] == "Healthy", timeout=5, what="GPU 6 Healthy again")
+
+
+def test_time_sliced_mig_resources_register_separately(kubelet: KubeletDouble, nodedev, tmp_path: Path) -> None:
+    node = simulate.prepare(simulate.resolve_fixture("mig"), tmp_path / "node")
+    serve(
+        nodedev,
+        node,
+        flags={"migStrategy": "mixed"},
+        sharing={"timeSlicing": {"renameByDefault": True, "resources": [{"name": "nvidia.com/mig-1g.10gb", "replicas": 2}]}},
+    )
+    wanted = {GPU, "nvidia.com/mig-1g.10gb.shared", "nvidia.com/mig-2g.20gb", "nvidia.com/mig-3g.40gb"}
+    kubelet.wait(lambda: kubelet.streaming() == wanted, timeout=10, what=f"{sorted(wanted)} streaming")
+    assert len(kubelet.devices("nvidia.com/mig-1g.10gb.shared") or {}) == 14
+    assert set(kubelet.devices("nvidia.com/mig-2g.20gb") or {}) == {m.uuid for m in node.migs if m.profile == "2g.20gb"}
+
+
+def test_nvml_failure_is_logged_and_other_drivers_keep_serving(kubelet: KubeletDouble, nodedev, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.conf"
+    broken.write_text("init_error 9\n")
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "dev" / "vhost-net").write_text("")
+    config = {
+        "devRoot": str(tmp_path / "dev"),
+        "hotplug": {"resyncSeconds": 0},
+        "drivers": {"nvidia": {"enabled": True}, "vhost-net": {"enabled": True, "shares": 2}},
+    }
+    env = {"LD_LIBRARY_PATH": str(simulate.fake_library_path().parent), simulate.ENV_FIXTURE: str(broken)}
+    process = nodedev(config, env=env)
+    kubelet.wait(lambda: "devices.kubevirt.io/vhost-net" in kubelet.streaming(), timeout=10, what="vhost-net streaming")
+    line = process.wait_log("libnvidia-ml.so.1", timeout=5)
+    assert "Driver Not Loaded" in line
+    assert GPU not in kubelet.streaming()
