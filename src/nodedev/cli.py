@@ -8,6 +8,7 @@ import json
 import logging
 import re
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,11 +24,30 @@ log = logging.getLogger("nodedev")
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logs.setup(args.log_level, args.log_format)
-    try:
-        cfg = config.load(args.config)
-    except config.ConfigError as err:
-        print(f"nodedev: config error: {err}", file=sys.stderr)
-        return EXIT_CONFIG
+    with tempfile.TemporaryDirectory(prefix="nodedev-sim-") as workdir:
+        try:
+            cfg = _config(args, Path(workdir))
+        except config.ConfigError as err:
+            print(f"nodedev: config error: {err}", file=sys.stderr)
+            return EXIT_CONFIG
+        except (ValueError, FileNotFoundError) as err:  # a fixture that is not there or does not parse
+            print(f"nodedev: --simulate: {err}", file=sys.stderr)
+            return EXIT_CONFIG
+        return _run(args, cfg)
+
+
+def _config(args: argparse.Namespace, workdir: Path) -> config.Config:
+    """The config file, or with --simulate the simulated node's keys merged over it."""
+    if not args.simulate:
+        return config.load(args.config or config.DEFAULT_PATH)
+    from nodedev import simulate
+
+    node = simulate.prepare(simulate.resolve_fixture(args.simulate), workdir)
+    log.info("simulating %s: %d GPU(s) from %s", args.simulate, len(node.gpus), node.fixture)
+    return config.load(args.config, node.config_overrides())
+
+
+def _run(args: argparse.Namespace, cfg: config.Config) -> int:
     try:
         return asyncio.run(args.command(cfg, args))
     except KeyboardInterrupt:
@@ -39,7 +59,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", type=Path, default=config.DEFAULT_PATH, metavar="PATH", help="node config file (default: %(default)s)")
+    common.add_argument("--config", type=Path, metavar="PATH", help=f"node config file (default: {config.DEFAULT_PATH})")
+    common.add_argument(
+        "--simulate",
+        metavar="FIXTURE",
+        help="run on a simulated node: a fake NVML from FIXTURE (gpu-1, dgx-8, mig, or a path), with matching sysfs and /dev trees",
+    )
     common.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     common.add_argument("--log-format", default="text", choices=["text", "json"])
 

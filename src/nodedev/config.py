@@ -7,6 +7,7 @@ what is wrong, so `nodedev serve` can exit 2 without a traceback.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -95,16 +96,22 @@ def resource_name_problem(name: str) -> str | None:
     return None
 
 
-def load(path: Path) -> Config:
-    """Reads and validates the whole file; raises ConfigError naming the first problem."""
+def load(path: Path | None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Reads and validates the whole file; raises ConfigError naming the first problem.
+
+    `overrides` (from `--simulate`) are merged over the file's keys before validation;
+    with no path they stand alone.
+    """
+    if path is None:
+        return parse("", Path("(no config file)"), overrides)
     try:
         text = path.read_text()
     except OSError as err:
         raise ConfigError(f"{path}: cannot read: {err.strerror or err}") from None
-    return parse(text, path)
+    return parse(text, path, overrides)
 
 
-def parse(text: str, path: Path) -> Config:
+def parse(text: str, path: Path, overrides: Mapping[str, Any] | None = None) -> Config:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
@@ -116,6 +123,8 @@ def parse(text: str, path: Path) -> Config:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys, not {type(raw).__name__}")
+    if overrides:
+        raw = _merged(raw, overrides)
 
     model = _validate(_FileModel, raw, path, prefix="")
     enabled = tuple(_driver(name, section, path) for name, section in model.drivers.items())
@@ -130,6 +139,16 @@ def parse(text: str, path: Path) -> Config:
         metrics_address=model.metrics_address,
         drivers=enabled,
     )
+
+
+def _merged(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merged(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def _driver(name: str, section: Any, path: Path) -> EnabledDriver:

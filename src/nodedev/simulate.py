@@ -16,6 +16,7 @@ import ctypes
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 FIXTURES_DIR = PACKAGE_DIR / "fixtures" / "nvml"
@@ -103,6 +104,19 @@ class SimulatedNode:
             raise ValueError(f"one control line at a time, got {line!r}")
         with self.events_file.open("a") as f:
             f.write(line + "\n")
+
+    def config_overrides(self) -> dict[str, Any]:
+        """Config keys that point nodedev at this simulation, merged over the user's config.
+
+        The NVIDIA driver is switched on with its trees here; CDI specs go under the
+        simulation's own directory, never to the host's /var/run/cdi.
+        """
+        workdir = self.events_file.parent
+        return {
+            "sysfsRoot": str(self.sysfs_root),
+            "devRoot": str(self.dev_root),
+            "drivers": {"nvidia": {"enabled": True, "procRoot": str(self.proc_root), "cdiRoot": str(workdir / "cdi")}},
+        }
 
     def environ(self) -> dict[str, str]:
         """Variables a subprocess needs to load this simulation through the dynamic linker."""
