@@ -9,7 +9,7 @@ import logging
 import re
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from nodedev import __version__, config, logs
@@ -26,7 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.setup(args.log_level, args.log_format)
     with tempfile.TemporaryDirectory(prefix="nodedev-sim-") as workdir:
         try:
-            cfg = _config(args, Path(workdir))
+            cfg, args.reload = _config(args, Path(workdir))
         except config.ConfigError as err:
             print(f"nodedev: config error: {err}", file=sys.stderr)
             return EXIT_CONFIG
@@ -36,15 +36,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(args, cfg)
 
 
-def _config(args: argparse.Namespace, workdir: Path) -> config.Config:
-    """The config file, or with --simulate the simulated node's keys merged over it."""
-    if not args.simulate:
-        return config.load(args.config or config.DEFAULT_PATH)
-    from nodedev import simulate
+def _config(args: argparse.Namespace, workdir: Path) -> tuple[config.Config, Callable[[], config.Config]]:
+    """The config, and how to read it again: the file, with --simulate's keys merged over it."""
+    overrides: dict[str, object] = {}
+    path = args.config or (None if args.simulate else config.DEFAULT_PATH)
+    if args.simulate:
+        from nodedev import simulate
 
-    node = simulate.prepare(simulate.resolve_fixture(args.simulate), workdir)
-    log.info("simulating %s: %d GPU(s) from %s", args.simulate, len(node.gpus), node.fixture)
-    return config.load(args.config, node.config_overrides())
+        node = simulate.prepare(simulate.resolve_fixture(args.simulate), workdir)
+        log.info("simulating %s: %d GPU(s) from %s", args.simulate, len(node.gpus), node.fixture)
+        overrides = node.config_overrides()
+    reload = lambda: config.load(path, overrides)  # noqa: E731
+    return reload(), reload
 
 
 def _run(args: argparse.Namespace, cfg: config.Config) -> int:
@@ -89,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
 async def _serve(cfg: config.Config, args: argparse.Namespace) -> int:
     from nodedev.daemon import Daemon  # gRPC is loaded only by the commands that use it
 
-    return await Daemon(cfg).run()
+    return await Daemon(cfg, reload=args.reload).run()
 
 
 async def _watch(cfg: config.Config, args: argparse.Namespace) -> int:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 
 from nodedev import metrics
-from nodedev.config import Config
+from nodedev.config import Config, ConfigError
 from nodedev.driver import Device
 from nodedev.inventory import Change, Inventory
 from nodedev.registration import KUBELET_SOCKET, Registrar
@@ -30,8 +31,10 @@ EXIT_NOTHING_TO_SERVE = 1
 
 
 class Daemon:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, reload: Callable[[], Config] | None = None) -> None:
+        """`reload` re-reads the config for SIGHUP (the CLI's loader, with any --simulate keys)."""
         self.config = config
+        self._reload_config = reload
         self.inventory = Inventory(config)
         self.registrar = Registrar(config.plugin_dir)
         self.servers: dict[str, ResourceServer] = {}
@@ -43,6 +46,8 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._request_stop, sig)
+        if self._reload_config is not None:
+            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self._reload()))
 
         if self.config.metrics_address:
             metrics.serve(self.config.metrics_address)
@@ -75,6 +80,27 @@ class Daemon:
     def _request_stop(self, sig: signal.Signals) -> None:
         log.info("%s received, stopping", sig.name)
         self._stop.set()
+
+    async def _reload(self) -> None:
+        """SIGHUP: applies a changed driver set without a restart; a bad file changes nothing."""
+        assert self._reload_config is not None
+        try:
+            new = await asyncio.to_thread(self._reload_config)
+        except ConfigError as err:
+            log.error("config reload refused, still running the previous config: %s", err)
+            return
+        for key in ("plugin_dir", "sysfs_root", "dev_root", "hotplug", "metrics_address"):
+            if getattr(new, key) != getattr(self.config, key):
+                log.warning("config reload: %s changed; that takes effect at the next start", key)
+        async with self._recovering:
+            dropped = await self.inventory.reconfigure(replace(self.config, drivers=new.drivers))
+            for resource in dropped:
+                server = self.servers.pop(resource, None)
+                if server is not None:
+                    await server.stop()
+                    log.info("%s: no longer served", resource)
+        self.config = self.inventory.config
+        log.info("config reloaded from %s", self.config.path)
 
     def _on_resource(self, resource: str, devices: Mapping[str, Device], changes: Sequence[Change]) -> None:
         server = self.servers.get(resource)

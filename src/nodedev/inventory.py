@@ -51,8 +51,10 @@ class DriverRunner:
     """One enabled driver and its last good snapshot."""
 
     name: str
+    enabled: EnabledDriver
     driver: Driver | None = None
     error: str | None = None
+    task: asyncio.Task[None] | None = None
     devices: dict[str, dict[str, Device]] = field(default_factory=dict)
     wanted: asyncio.Event = field(default_factory=asyncio.Event)
     last_scan: float = 0.0
@@ -89,7 +91,7 @@ class Inventory:
             self._start_events()
         await asyncio.gather(*(self._scan(r) for r in self.started))
         for runner in self.started:
-            self._tasks.append(asyncio.create_task(self._rescan_loop(runner), name=f"rescan-{runner.name}"))
+            runner.task = asyncio.create_task(self._rescan_loop(runner), name=f"rescan-{runner.name}")
         if self.config.hotplug.resync_seconds > 0:
             self._tasks.append(asyncio.create_task(self._resync_loop(), name="resync"))
 
@@ -99,11 +101,55 @@ class Inventory:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for runner in self.started:
-            try:
-                await asyncio.to_thread(runner.driver.stop)  # type: ignore[union-attr]
-            except Exception as err:  # noqa: BLE001 - a driver's stop must not block the others'
-                log.warning("driver %s: stop failed: %s", runner.name, err)
+        await asyncio.gather(*(self._stop_driver(r) for r in self.started))
+
+    async def reconfigure(self, config: Config) -> list[str]:
+        """Applies a reloaded config's drivers; returns the resources no driver serves any more.
+
+        A driver whose section is unchanged keeps running untouched; one removed,
+        disabled or changed is stopped, and a new or changed one is started and scanned.
+        """
+        old = {name: r.enabled.options for name, r in self.runners.items()}
+        new = {d.name: d for d in config.drivers}
+        going = [name for name in old if name not in new or new[name].options != old[name]]
+        dropped: list[str] = []
+        for name in going:
+            runner = self.runners.pop(name)
+            dropped += [res for res, owner in self.owners.items() if owner == name]
+            self.owners = {res: owner for res, owner in self.owners.items() if owner != name}
+            if runner.task is not None:
+                runner.task.cancel()
+            if self.events is not None:
+                self.events.subscribe(name, (), ())
+            await self._stop_driver(runner)
+            log.info("driver %s: stopped by config reload", name)
+        self.config = config
+        for enabled in config.drivers:
+            if enabled.name not in self.runners:
+                await self._add(enabled)
+        return dropped
+
+    async def _add(self, enabled: EnabledDriver) -> None:
+        runner = self.runners[enabled.name] = self._runner(enabled)
+        if runner.driver is not None:
+            await self._start_driver(runner)
+        if runner.driver is None:
+            return
+        if self.events is not None:
+            self.events.subscribe(runner.name, runner.driver.udev_matches(), runner.driver.watch_paths())
+        await self._scan(runner)
+        runner.task = asyncio.create_task(self._rescan_loop(runner), name=f"rescan-{runner.name}")
+
+    async def _stop_driver(self, runner: DriverRunner) -> None:
+        if runner.task is not None:
+            runner.task.cancel()
+            await asyncio.gather(runner.task, return_exceptions=True)
+        if runner.driver is None:
+            return
+        try:
+            await asyncio.to_thread(runner.driver.stop)
+        except Exception as err:  # noqa: BLE001 - a driver's stop must not block the others'
+            log.warning("driver %s: stop failed: %s", runner.name, err)
 
     def request_rescan(self, driver: str) -> None:
         """Asks for a scan of one driver soon; requests made while one runs fold into one."""
@@ -117,7 +163,7 @@ class Inventory:
             runner.wanted.set()
 
     def _runner(self, enabled: EnabledDriver) -> DriverRunner:
-        runner = DriverRunner(name=enabled.name)
+        runner = DriverRunner(name=enabled.name, enabled=enabled)
         context = HostContext(
             sysfs_root=self.config.sysfs_root,
             dev_root=self.config.dev_root,
