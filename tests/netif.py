@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import os
 import secrets
+import select
 import shutil
+import socket
 import subprocess
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -45,6 +48,28 @@ def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 def exists(name: str) -> bool:
     return (SYS_CLASS_NET / name).exists()
+
+
+def wait_link(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    """Waits until `predicate()` holds, re-checking on every rtnetlink link message.
+
+    Operstate and carrier settle in the kernel's linkwatch work, after `ip` has
+    returned; each change then sends RTM_NEWLINK. The socket is open before the
+    first check, so a change between check and wait still wakes us.
+    """
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK, socket.NETLINK_ROUTE) as sock:
+        sock.bind((0, 1))  # RTMGRP_LINK
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            if select.select([sock], [], [], left)[0]:
+                try:
+                    while sock.recv(65536):
+                        pass
+                except BlockingIOError:
+                    pass
 
 
 class NetIfs:

@@ -38,6 +38,7 @@ class Recorder:
         self._current: Uevent | None = None
         self._changed = asyncio.Event()
         kwargs.setdefault("source", "kernel")
+        kwargs.setdefault("settle_s", 0)  # one call per event, so each match names its event; see the settle test
         self.engine = HotplugEngine(on_match=self._on_match, on_lost=self._on_lost, log=LOG, **kwargs)  # type: ignore[arg-type]
         original = self.engine.inject
 
@@ -220,6 +221,24 @@ def test_rtnetlink_link_messages_are_parsed() -> None:
     data += struct.pack("=IHHII", 20, 3, 0, 0, 0) + b"\0" * 4  # NLMSG_DONE: ignored
     assert list(parse_link_messages(data)) == [(hotplug.RTM_NEWLINK, 7, "eth1"), (hotplug.RTM_DELLINK, 8, "veth-long-name")]
     assert list(parse_link_messages(data[:30])) == []  # a truncated datagram yields nothing, never raises
+
+
+@aio
+async def test_matches_arriving_together_are_told_once_per_driver(recorder: Callable[..., Recorder]) -> None:
+    """With a settle window, the messages of one change (a veth pair: two uevents and
+    two link messages) make one on_match per driver, after the last of them."""
+    r = recorder(settle_s=0.05)
+    r.engine.subscribe("netdev", [UdevMatch("net")], [])
+    r.engine.subscribe("kvm", [UdevMatch("misc", "kvm")], [])
+    r.engine.start(asyncio.get_running_loop())
+    for event in (net("add", "veth1"), net("add", "veth0"), net("link", "veth1"), Uevent("change", "misc", "kvm"), net("link", "veth0")):
+        r.engine.inject(event)
+    assert r.drivers() == []  # nothing yet: the window is open
+    await r.wait(lambda: len(r.matches) == 2, "the window closing")
+    assert r.drivers() == ["netdev", "kvm"]
+    r.engine.inject(net("remove", "veth0"))
+    await r.wait(lambda: len(r.matches) == 3, "a later event, in a window of its own")
+    assert r.drivers() == ["netdev", "kvm", "netdev"]
 
 
 # -- real kernel events --------------------------------------------------------

@@ -15,7 +15,7 @@ from nodedev import config as nodedev_config
 from nodedev import drivers
 from nodedev.driver import Device, Health, HostContext, UdevMatch
 from nodedev.drivers.netdev import NetdevDriver, NetdevOptions, env_name, read_interface
-from tests.netif import NetIfs, netifs  # noqa: F401  # netifs is a fixture
+from tests.netif import NetIfs, netifs, wait_link  # noqa: F401  # netifs is a fixture
 
 IFF_UP_BROADCAST_MULTICAST = 0x1003
 IFF_DOWN_BROADCAST_MULTICAST = 0x1002
@@ -305,9 +305,9 @@ def test_real_veth_pair_is_discovered_and_follows_its_link(netifs: NetIfs) -> No
     assert found[a].numa_nodes == ()
 
     netifs.up(a)  # peer still down: no traffic can pass
-    assert mine(netifs, d.scan())[a].health is Health.UNHEALTHY
+    wait_link(lambda: mine(netifs, d.scan())[a].health is Health.UNHEALTHY, f"{a} unhealthy")
     netifs.up(b)
-    assert mine(netifs, d.scan())[a].health is Health.HEALTHY
+    wait_link(lambda: mine(netifs, d.scan())[a].health is Health.HEALTHY, f"{a} healthy")
 
     netifs.delete(a)
     assert mine(netifs, d.scan()) == {}
@@ -333,10 +333,10 @@ def test_real_macvlan_is_unhealthy_while_its_parent_is_down(netifs: NetIfs) -> N
     mac = netifs.macvlan(parent)
     netifs.up(mac)
     d = real_driver(netifs)
-    found = mine(netifs, d.scan())
-    assert found[mac].health is Health.UNHEALTHY and "lowerlayerdown" in found[mac].reason
+    wait_link(lambda: mine(netifs, d.scan())[mac].health is Health.UNHEALTHY, f"{mac} unhealthy")
+    assert "lowerlayerdown" in mine(netifs, d.scan())[mac].reason
     netifs.up(parent, peer)
-    assert mine(netifs, d.scan())[mac].health is Health.HEALTHY
+    wait_link(lambda: mine(netifs, d.scan())[mac].health is Health.HEALTHY, f"{mac} healthy once its parent is up")
 
 
 def test_the_hosts_default_route_interface_is_not_offered() -> None:

@@ -15,9 +15,9 @@ channels feed it, each a non-blocking descriptor read by `loop.add_reader`:
 * inotify on the directories drivers name in `watch_paths()`, for device nodes
   that come and go with no uevent we could hear (a fixture tree, a bind mount).
 
-The engine only routes: an event calls `on_match(driver)` for each driver whose
-subscription matches, and the Inventory turns those calls into coalesced
-rescans. When events may have been lost (a netlink receive buffer overrun, an
+The engine only routes: the events of one moment (a SETTLE_S window) call
+`on_match(driver)` once for each driver whose subscription one of them matches,
+and the Inventory turns those calls into coalesced rescans. When events may have been lost (a netlink receive buffer overrun, an
 inotify queue overflow, a socket that failed and was reopened) it calls
 `on_lost(reason)`, and the Inventory rescans every driver: a full snapshot
 after the gap makes up for any event missed in it.
@@ -54,6 +54,13 @@ DEFAULT_RECEIVE_BUFFER = 8 << 20
 DRAIN_LIMIT = 256
 """Messages handled per wake-up before the loop gets a turn; the descriptor stays
 readable, so the rest are read on the next turn."""
+
+SETTLE_S = 0.002
+"""How long matches are gathered before the drivers are told. One change often
+sends several messages on two sockets within a millisecond (a veth pair: two
+`add` uevents, then two RTM_NEWLINK); telling the Inventory once, after they all
+arrived, means one scan that sees the final state instead of a scan of a half
+made pair and a second one a rescan-spacing later."""
 
 REOPEN_DELAYS_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 """Waits between attempts to reopen a failed channel; the last one repeats."""
@@ -332,7 +339,8 @@ class _PathChannel:
         for target in rearm:
             before = self._armed.get(target)
             after = self._arm(target)
-            if (before == target) != (after == target) or _lost_watch(before, after):
+            # It appeared or vanished (or can no longer be watched at all): rescan.
+            if (before == target) != (after == target) or after is None:
                 notify |= self._targets[target]
         if rearm:
             self._sync_watches()
@@ -406,10 +414,6 @@ class _PathChannel:
         self._inotify.close()
 
 
-def _lost_watch(before: Path | None, after: Path | None) -> bool:
-    """A target that lost its watch entirely (an unwatchable ancestor) is worth a rescan too."""
-    return before is not None and after is None
-
 
 class HotplugEngine:
     """Routes kernel device events to the drivers that asked for them. Lives on one loop.
@@ -430,9 +434,9 @@ class HotplugEngine:
         log: logging.Logger,
         receive_buffer_size: int = DEFAULT_RECEIVE_BUFFER,
         link_events: bool = True,
+        settle_s: float = SETTLE_S,
         udev_control: Path = UDEV_CONTROL,
     ) -> None:
-        self.requested_source = source
         self.source: str = resolve_source(source, udev_control)
         self.log = log
         self._udev_control = udev_control
@@ -440,6 +444,9 @@ class HotplugEngine:
         self._on_lost = on_lost
         self._buffer = receive_buffer_size
         self._link_events = link_events
+        self._settle_s = settle_s
+        self._pending: dict[str, str] = {}  # driver -> what woke it, in arrival order
+        self._flush: asyncio.TimerHandle | None = None
         self._matches: dict[str, tuple[UdevMatch, ...]] = {}
         self._paths: dict[str, tuple[Path, ...]] = {}
         self._routes: dict[str, list[tuple[str, str | None]]] = {}
@@ -486,6 +493,10 @@ class HotplugEngine:
         self._open_all(raise_errors=True)
 
     def close(self) -> None:
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        self._pending.clear()
         for handle in self._retries.values():
             handle.cancel()
         self._retries.clear()
@@ -582,7 +593,8 @@ class HotplugEngine:
     # -- events --------------------------------------------------------------
 
     def inject(self, event: Uevent) -> None:
-        """Routes one event: `on_match(driver)` once for each driver it matches."""
+        """Routes one event to each driver it matches: `on_match(driver)` once per driver
+        per settle window (SETTLE_S; `settle_s=0` or no started loop: once per event)."""
         routes = self._routes.get(event.subsystem)
         if not routes:
             return
@@ -599,6 +611,21 @@ class HotplugEngine:
             self.notify(driver, event.action)
 
     def notify(self, driver: str, what: str) -> None:
+        """Tells `driver` once the settle window closes (at once without a loop or window)."""
+        if self._loop is None or self._settle_s <= 0:
+            self._call_on_match(driver, what)
+            return
+        self._pending.setdefault(driver, what)
+        if self._flush is None:
+            self._flush = self._loop.call_later(self._settle_s, self._flush_pending)
+
+    def _flush_pending(self) -> None:
+        self._flush = None
+        pending, self._pending = self._pending, {}
+        for driver, what in pending.items():
+            self._call_on_match(driver, what)
+
+    def _call_on_match(self, driver: str, what: str) -> None:
         try:
             self._on_match(driver)
         except Exception:  # noqa: BLE001 - a listener bug must not stop event delivery
