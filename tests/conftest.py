@@ -79,6 +79,20 @@ def nodedev_command(*args: str) -> list[str]:
 
 
 @pytest.fixture
+def fake_nvml(monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The fake libnvidia-ml.so.1 (built by pip install or `python build.py`), and an
+    environment where simulate.prepare's variables are undone after the test."""
+    from nodedev import simulate
+
+    library = simulate.fake_library_path()
+    if not library.is_file():
+        pytest.fail(f"{library} is missing: install nodedev with pip, or run `python build.py` in the checkout")
+    monkeypatch.delenv(simulate.ENV_FIXTURE, raising=False)
+    monkeypatch.delenv(simulate.ENV_EVENTS, raising=False)
+    return library
+
+
+@pytest.fixture
 def plugin_dir() -> Iterator[Path]:
     """Short on purpose: a unix socket path must fit in 107 bytes, and pytest's tmp_path may not."""
     path = Path(tempfile.mkdtemp(prefix="nd-", dir="/tmp"))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import importlib.util
 import os
 import subprocess
 import sys
@@ -16,35 +15,12 @@ import pytest
 
 from nodedev import simulate
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 XID_CRITICAL = pynvml.nvmlEventTypeXidCriticalError
 NO_INSTANCE = 0xFFFFFFFF
 WAIT_MS = 5000  # generous: the fake polls its control file every 10 ms
 
 
-def _build_library_if_missing() -> None:
-    library = simulate.fake_library_path()
-    if library.is_file():
-        return
-    spec = importlib.util.spec_from_file_location("nodedev_build", REPO_ROOT / "build.py")
-    if spec is None or spec.loader is None:
-        pytest.fail(f"{library} is missing and build.py is not at {REPO_ROOT}")
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
-    build.build_fake_nvml(library)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def library() -> Path:
-    _build_library_if_missing()
-    return simulate.fake_library_path()
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """prepare() writes os.environ; registering the keys makes monkeypatch restore them."""
-    monkeypatch.delenv(simulate.ENV_FIXTURE, raising=False)
-    monkeypatch.delenv(simulate.ENV_EVENTS, raising=False)
+pytestmark = pytest.mark.usefixtures("fake_nvml")
 
 
 class Session:

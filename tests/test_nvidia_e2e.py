@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -11,26 +10,10 @@ from nodedev import simulate
 from nodedev.api import deviceplugin_pb2 as pb
 from tests.kubelet import KubeletDouble
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 GPU = "nvidia.com/gpu"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fake_library() -> Path:
-    library = simulate.fake_library_path()
-    if not library.is_file():
-        spec = importlib.util.spec_from_file_location("nodedev_build", REPO_ROOT / "build.py")
-        assert spec is not None and spec.loader is not None
-        build = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(build)
-        build.build_fake_nvml(library)
-    return library
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(simulate.ENV_FIXTURE, raising=False)
-    monkeypatch.delenv(simulate.ENV_EVENTS, raising=False)
+pytestmark = pytest.mark.usefixtures("fake_nvml")
 
 
 def serve(nodedev, node: simulate.SimulatedNode, **section: object):

@@ -8,7 +8,6 @@ into the fake's control file and wait on the rescan Event, never on sleep().
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import threading
@@ -25,28 +24,11 @@ from nodedev.driver import Device, DriverError, Health, HostContext
 from nodedev.drivers.nvidia import NvidiaDriver, NvidiaOptions
 from nodedev.drivers.nvidia.allocate import CDI_KIND, CDI_SPEC_FILE
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 GPU = "nvidia.com/gpu"
 FAST_HEALTH = {"quietPeriodSeconds": 1, "probeIntervalSeconds": 0.2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fake_library() -> Path:
-    library = simulate.fake_library_path()
-    if not library.is_file():
-        spec = importlib.util.spec_from_file_location("nodedev_build", REPO_ROOT / "build.py")
-        assert spec is not None and spec.loader is not None
-        build = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(build)
-        build.build_fake_nvml(library)
-    return library
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """prepare() writes os.environ; registering the keys makes monkeypatch restore them."""
-    monkeypatch.delenv(simulate.ENV_FIXTURE, raising=False)
-    monkeypatch.delenv(simulate.ENV_EVENTS, raising=False)
+pytestmark = pytest.mark.usefixtures("fake_nvml")
 
 
 class Sim:

@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from pydantic.alias_generators import to_camel
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from nodedev import drivers
-from nodedev.driver import Driver, DriverOptions
+from nodedev.driver import ConfigSection, Driver, DriverOptions
 
 DEFAULT_PATH = Path("/etc/nodedev/config.yaml")
 
@@ -28,8 +27,7 @@ class ConfigError(Exception):
     """A config problem, already worded for one line: `file: key.path: problem`."""
 
 
-class HotplugSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, alias_generator=to_camel, populate_by_name=True)
+class HotplugSettings(ConfigSection):
 
     source: Literal["auto", "udev", "kernel"] = "auto"
     """Netlink source: `udev` events after udevd processed them, `kernel` raw uevents."""
@@ -37,8 +35,7 @@ class HotplugSettings(BaseModel):
     """Full rescan of every driver every so often (0 disables), for events never sent."""
 
 
-class _FileModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, alias_generator=to_camel, populate_by_name=True)
+class _FileModel(ConfigSection):
 
     plugin_dir: str = "/var/lib/kubelet/device-plugins"
     sysfs_root: str = "/sys"

@@ -117,8 +117,8 @@ class AllocationError(Exception):
     """A request the driver refuses; the kubelet gets INVALID_ARGUMENT with this message."""
 
 
-class DriverOptions(BaseModel):
-    """Base of every driver's config section: `drivers.<name>` in the config file.
+class ConfigSection(BaseModel):
+    """Rules for every mapping in the config file, the host's and each driver's alike.
 
     Keys are camelCase in YAML, unknown keys are errors, and values are not coerced
     between types, so a typo or a quoted number is reported instead of guessed at.
@@ -131,6 +131,10 @@ class DriverOptions(BaseModel):
         alias_generator=to_camel,
         populate_by_name=True,
     )
+
+
+class DriverOptions(ConfigSection):
+    """Base of every driver's config section: `drivers.<name>` in the config file."""
 
     enabled: bool = False
 

@@ -49,11 +49,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
-from pydantic.alias_generators import to_camel
+from pydantic import field_validator, model_validator
 
 from nodedev.driver import (
     Allocation,
+    ConfigSection,
     Device,
     Driver,
     DriverOptions,
@@ -109,11 +109,7 @@ def link_type_name(number: int) -> str:
     return LINK_TYPES.get(number, str(number))
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, alias_generator=to_camel, populate_by_name=True)
-
-
-class NetdevSelectors(_Section):
+class NetdevSelectors(ConfigSection):
     if_names: list[str] = []
     drivers: list[str] = []
     link_types: list[str] = []
@@ -135,7 +131,7 @@ class NetdevSelectors(_Section):
         return values
 
 
-class NetdevResource(_Section):
+class NetdevResource(ConfigSection):
     resource_name: str
     resource_prefix: str = DEFAULT_PREFIX
     selectors: NetdevSelectors = NetdevSelectors()

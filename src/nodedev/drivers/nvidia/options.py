@@ -55,10 +55,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from pydantic.alias_generators import to_camel
+from pydantic import Field, field_validator, model_validator
 
-from nodedev.driver import DriverOptions
+from nodedev.driver import ConfigSection, DriverOptions
 
 GPU_RESOURCE = "nvidia.com/gpu"
 MIG_RESOURCE_PREFIX = "nvidia.com/mig-"
@@ -69,19 +68,7 @@ DEVICE_LIST_STRATEGIES = ("envvar", "volume-mounts", "cdi-annotations", "cdi-cri
 CDI_STRATEGIES = frozenset({"cdi-annotations", "cdi-cri"})
 
 
-class _Section(BaseModel):
-    """Same rules as DriverOptions for every nested mapping: camelCase, strict, no unknown keys."""
-
-    model_config = ConfigDict(
-        extra="forbid",
-        strict=True,
-        frozen=True,
-        alias_generator=to_camel,
-        populate_by_name=True,
-    )
-
-
-class PluginFlags(_Section):
+class PluginFlags(ConfigSection):
     pass_device_specs: bool = False
     """Also return the device nodes as DeviceSpecs, for kubelets with the static CPU manager."""
     device_list_strategy: str | list[str] = "envvar"
@@ -123,7 +110,7 @@ def _split_strategies(value: str | list[str]) -> tuple[str, ...]:
     return tuple(seen)
 
 
-class Flags(_Section):
+class Flags(ConfigSection):
     mig_strategy: Literal["none", "single", "mixed"] = "none"
     fail_on_init_error: bool = True
     nvidia_driver_root: str | None = None
@@ -135,7 +122,7 @@ class Flags(_Section):
     plugin: PluginFlags = PluginFlags()
 
 
-class ReplicatedResource(_Section):
+class ReplicatedResource(ConfigSection):
     name: str
     replicas: int = Field(ge=2, le=1000)
     """NVIDIA requires at least 2; the cap keeps a typo from making ListAndWatch huge."""
@@ -148,7 +135,7 @@ class ReplicatedResource(_Section):
         return value
 
 
-class TimeSlicing(_Section):
+class TimeSlicing(ConfigSection):
     rename_by_default: bool = False
     fail_requests_greater_than_one: bool = False
     resources: list[ReplicatedResource] = Field(min_length=1)
@@ -163,7 +150,7 @@ class TimeSlicing(_Section):
         return value
 
 
-class Sharing(_Section):
+class Sharing(ConfigSection):
     time_slicing: TimeSlicing | None = None
     mps: Any = None
 
@@ -175,7 +162,7 @@ class Sharing(_Section):
         return value
 
 
-class HealthOptions(_Section):
+class HealthOptions(ConfigSection):
     enabled: bool = True
     """Off: no NVML event thread, every GPU NVML can see is Healthy."""
     ignored_xids: list[int] = Field(default_factory=lambda: list(DEFAULT_IGNORED_XIDS))
