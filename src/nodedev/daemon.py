@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import replace
 
 from nodedev import metrics
@@ -41,13 +41,14 @@ class Daemon:
         self._serving = False
         self._recovering = asyncio.Lock()
         self._stop = asyncio.Event()
+        self._background: set[asyncio.Task[None]] = set()
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._request_stop, sig)
         if self._reload_config is not None:
-            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self._reload()))
+            loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self._reload()))
 
         if self.config.metrics_address:
             metrics.serve(self.config.metrics_address)
@@ -76,6 +77,12 @@ class Daemon:
         await self.inventory.stop()
         log.info("stopped")
         return EXIT_OK
+
+    def _spawn(self, work: Coroutine[None, None, None]) -> None:
+        """Runs work in the background, holding the task so it cannot be collected mid-way."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _request_stop(self, sig: signal.Signals) -> None:
         log.info("%s received, stopping", sig.name)
@@ -110,7 +117,7 @@ class Daemon:
             server = self.servers[resource] = ResourceServer(resource, runner.driver, self.config.plugin_dir)
             server.update(devices)
             if self._serving:  # a resource that appeared after start, e.g. a new MIG profile
-                asyncio.get_running_loop().create_task(self._serve_new(server))
+                self._spawn(self._serve_new(server))
             return
         server.update(devices)
 
@@ -131,7 +138,7 @@ class Daemon:
         ours = {server.endpoint for server in self.servers.values()}
         if names and not names & (ours | {KUBELET_SOCKET}):
             return
-        asyncio.get_running_loop().create_task(self._recover(check_kubelet=not names or KUBELET_SOCKET in names))
+        self._spawn(self._recover(check_kubelet=not names or KUBELET_SOCKET in names))
 
     async def _recover(self, *, check_kubelet: bool) -> None:
         """Serves again every resource whose socket is gone, then re-registers what needs it."""

@@ -51,9 +51,12 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
         self.version = 0
         self._view: list[tuple[str, str, tuple[int, ...]]] = []
         self._response = pb.ListAndWatchResponse()
-        self._changed = asyncio.Condition()
+        self._changed = asyncio.Event()
+        """Set, and replaced, at every new version: each stream waits on the one it saw."""
         self._server: grpc.aio.Server | None = None
         self._closing = False
+        self._generation = 0
+        """Bumped at every start: a stream from before a restart ends instead of carrying on."""
         self._inode: int | None = None
         self._allocated_ok = metrics.ALLOCATIONS.labels(resource, "ok")
         self.options = pb.DevicePluginOptions(
@@ -79,6 +82,7 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
         except RuntimeError:
             raise ServeError(f"{self.resource}: cannot listen on {self.socket_path}") from None
         await server.start()
+        self._generation += 1
         self._closing = False
         os.chmod(self.socket_path, 0o600)
         self._inode = self.socket_path.stat().st_ino
@@ -90,9 +94,8 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
         server, self._server = self._server, None
         if server is None:
             return
-        async with self._changed:
-            self._closing = True
-            self._changed.notify_all()
+        self._closing = True
+        self._wake()
         await server.stop(STOP_GRACE_S)
         if self.socket_present():
             self.socket_path.unlink(missing_ok=True)
@@ -131,11 +134,12 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
             ]
         )
         self.version += 1
-        asyncio.get_running_loop().create_task(self._notify())
+        self._wake()
 
-    async def _notify(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
+    def _wake(self) -> None:
+        """Wakes every stream; the next ones wait on a fresh event."""
+        self._changed.set()
+        self._changed = asyncio.Event()
 
     # --- the DevicePlugin service ---------------------------------------------
 
@@ -144,11 +148,11 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
 
     async def ListAndWatch(self, request: pb.Empty, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ListAndWatchResponse]:
         sent = 0
-        while True:
-            async with self._changed:
-                await self._changed.wait_for(lambda: self.version != sent or self._closing)
-            if self._closing:
-                return
+        generation = self._generation
+        while not self._closing and generation == self._generation:
+            if self.version == sent:
+                await self._changed.wait()
+                continue
             sent = self.version
             yield self._response
 
