@@ -15,6 +15,10 @@ from nodedev.driver import Allocation, Device, Driver, DriverError, DriverOption
 from nodedev.inventory import Change, Inventory
 
 
+progress = threading.Condition()
+"""Notified on every scan (a worker thread) and every listener call (the loop)."""
+
+
 class ScriptedDriver(Driver):
     """Reports whatever the test puts in `snapshot`; counts its scans."""
 
@@ -34,7 +38,9 @@ class ScriptedDriver(Driver):
 
     def scan(self) -> Snapshot:
         self.gate.wait(5)
-        self.scans += 1
+        with progress:
+            self.scans += 1
+            progress.notify_all()
         if isinstance(self.snapshot, Exception):
             raise self.snapshot
         return self.snapshot
@@ -67,15 +73,26 @@ def dev(device_id: str, health: Health = Health.HEALTHY, reason: str = "") -> De
 async def started(*classes: type[Driver]) -> tuple[Inventory, list[tuple[str, list[Change]]]]:
     inventory = Inventory(config(*classes))
     seen: list[tuple[str, list[Change]]] = []
-    inventory.add_listener(lambda resource, devices, changes: seen.append((resource, list(changes))))
+
+    def listener(resource: str, devices: object, changes: Sequence[Change]) -> None:
+        with progress:
+            seen.append((resource, list(changes)))
+            progress.notify_all()
+
+    inventory.add_listener(listener)
     await inventory.start(hotplug=False)
     return inventory, seen
 
 
 async def until(predicate, timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.005)
+    """Waits, off the loop so the inventory keeps running, until a scan or listener call makes it true."""
+
+    def wait() -> None:
+        with progress:
+            if not progress.wait_for(predicate, timeout):
+                raise AssertionError(f"not reached within {timeout} s")
+
+    await asyncio.to_thread(wait)
 
 
 def test_a_driver_that_fails_to_start_leaves_the_others_running(caplog: pytest.LogCaptureFixture) -> None:
