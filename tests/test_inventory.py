@@ -49,6 +49,14 @@ class ScriptedDriver(Driver):
         return Allocation()
 
 
+class _NotifyOnRecord(logging.Handler):
+    """Wakes `until` when something is logged, so a test can wait for a log line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with progress:
+            progress.notify_all()
+
+
 def driver_class(name: str, **attrs) -> type[ScriptedDriver]:
     return type(f"Driver_{name}", (ScriptedDriver,), {"name": name, **attrs})
 
@@ -169,14 +177,17 @@ def test_a_failed_scan_keeps_the_last_list_and_says_why(caplog: pytest.LogCaptur
         inventory, _ = await started(cls)
         runner = inventory.runners["flaky"]
         runner.driver.snapshot = OSError(5, "Input/output error", "/sys/bus/pci/devices/0000:01:00.0/numa_node")  # type: ignore[union-attr]
-        scans = runner.scans
         inventory.request_rescan("flaky")
-        await until(lambda: runner.scans > scans)
+        await until(lambda: "scan failed" in caplog.text)  # logged once the failed scan is handled
         await inventory.stop()
         return inventory
 
     with caplog.at_level(logging.ERROR):
-        inventory = asyncio.run(run())
+        logging.getLogger().addHandler(notifier := _NotifyOnRecord())  # after caplog's handler
+        try:
+            inventory = asyncio.run(run())
+        finally:
+            logging.getLogger().removeHandler(notifier)
 
     assert list(inventory.runners["flaky"].devices["example.com/x"]) == ["a"]
     assert "scan failed, keeping the previous device list" in caplog.text
