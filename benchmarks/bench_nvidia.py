@@ -83,9 +83,9 @@ def calls_rows(node: simulate.SimulatedNode) -> list[str]:
         must = rng.sample(free, rng.randint(0, min(2, size)))
         calls.append(lambda f=free, m=must, s=size: driver.preferred_allocation(GPU, f, m, s))
     timed(calls[:100])  # warm-up
-    rows.append(row(f"preferred_allocation, 8 GPUs, sizes 1-8", timed(calls)))
+    rows.append(row("preferred_allocation, 8 GPUs, sizes 1-8", timed(calls)))
     full = [lambda s=s: driver.preferred_allocation(GPU, ids, [], s) for s in (2, 3, 4, 5) for _ in range(CALLS // 4)]
-    rows.append(row(f"preferred_allocation, all 8 free, sizes 2-5", timed(full)))
+    rows.append(row("preferred_allocation, all 8 free, sizes 2-5", timed(full)))
     driver.stop()
 
     shared = driver_on(node, sharing={"timeSlicing": {"resources": [{"name": GPU, "replicas": 10}]}})
@@ -94,11 +94,12 @@ def calls_rows(node: simulate.SimulatedNode) -> list[str]:
     spread = []
     for _ in range(CALLS):
         free = rng.sample(replicas, rng.randint(8, 80))
-        spread.append(lambda f=free: shared.preferred_allocation(GPU, f, [], min(len(f), rng.randint(1, 8))))
-    rows.append(row(f"preferred_allocation, 8 x 10 replicas", timed(spread)))
+        size = min(len(free), rng.randint(1, 8))  # drawn here, not inside the timed call
+        spread.append(lambda f=free, s=size: shared.preferred_allocation(GPU, f, [], s))
+    rows.append(row("preferred_allocation, 8 x 10 replicas", timed(spread)))
     allocs = [lambda r=rng.sample(replicas, rng.randint(1, 4)): shared.allocate(GPU, r) for _ in range(CALLS)]
     timed(allocs[:100])
-    rows.append(row(f"allocate, 8 x 10 replicas, 1-4 IDs", timed(allocs)))
+    rows.append(row("allocate, 8 x 10 replicas, 1-4 IDs", timed(allocs)))
     shared.stop()
     return rows
 

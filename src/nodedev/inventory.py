@@ -58,7 +58,6 @@ class DriverRunner:
     devices: dict[str, dict[str, Device]] = field(default_factory=dict)
     wanted: asyncio.Event = field(default_factory=asyncio.Event)
     last_scan: float = 0.0
-    scans: int = 0
 
 
 class Inventory:
@@ -232,7 +231,6 @@ class Inventory:
     async def _scan(self, runner: DriverRunner) -> None:
         assert runner.driver is not None
         runner.last_scan = time.monotonic()
-        runner.scans += 1
         try:
             snapshot = await asyncio.to_thread(runner.driver.scan)
         except Exception as err:  # noqa: BLE001 - keep the last good snapshot and say why
