@@ -40,6 +40,7 @@ class _FileModel(ConfigSection):
     plugin_dir: str = "/var/lib/kubelet/device-plugins"
     sysfs_root: str = "/sys"
     dev_root: str = "/dev"
+    proc_root: str = "/proc"
     hotplug: HotplugSettings = HotplugSettings()
     metrics_address: str = ""
     drivers: dict[str, dict[str, Any] | None] = {}
@@ -67,6 +68,7 @@ class Config:
     plugin_dir: Path
     sysfs_root: Path
     dev_root: Path
+    proc_root: Path
     hotplug: HotplugSettings
     metrics_address: str
     drivers: tuple[EnabledDriver, ...]
@@ -132,6 +134,7 @@ def parse(text: str, path: Path, overrides: Mapping[str, Any] | None = None) -> 
         plugin_dir=Path(model.plugin_dir),
         sysfs_root=Path(model.sysfs_root),
         dev_root=Path(model.dev_root),
+        proc_root=Path(model.proc_root),
         hotplug=model.hotplug,
         metrics_address=model.metrics_address,
         drivers=enabled,

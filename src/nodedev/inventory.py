@@ -16,6 +16,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nodedev import metrics
@@ -163,9 +164,11 @@ class Inventory:
 
     def _runner(self, enabled: EnabledDriver) -> DriverRunner:
         runner = DriverRunner(name=enabled.name, enabled=enabled)
+        options = enabled.options
         context = HostContext(
-            sysfs_root=self.config.sysfs_root,
-            dev_root=self.config.dev_root,
+            sysfs_root=Path(options.sysfs_root) if options.sysfs_root else self.config.sysfs_root,
+            dev_root=Path(options.dev_root) if options.dev_root else self.config.dev_root,
+            proc_root=Path(options.proc_root) if options.proc_root else self.config.proc_root,
             rescan=lambda: self._rescan_threadsafe(enabled.name),
             log=logging.getLogger(f"nodedev.drivers.{enabled.name}"),
         )
