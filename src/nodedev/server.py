@@ -1,7 +1,10 @@
 """One DevicePlugin gRPC server per resource, each on its own unix socket.
 
 The server holds the resource's latest device list, fans it out to every open
-ListAndWatch stream, and checks every Allocate before the driver sees it.
+ListAndWatch stream, and checks every request before the driver sees it. Every
+check is linear in the request's size, and a request too large to answer in a
+moment on the event loop is answered in a worker thread, so one huge request
+never stalls the other resources, streams or SIGTERM.
 """
 
 from __future__ import annotations
@@ -10,25 +13,37 @@ import asyncio
 import logging
 import os
 import re
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 
+from nodedev import metrics
 from nodedev.api import deviceplugin_pb2 as pb
 from nodedev.api import deviceplugin_pb2_grpc as pb_grpc
-from nodedev import metrics
-from nodedev.driver import Allocation, AllocationError, Device, Driver, Health
+from nodedev.driver import AllocationError, ContainerEdits, Device, Driver, Health
 
 log = logging.getLogger("nodedev.server")
 
-STOP_GRACE_S = 0.5
+STOP_GRACE_S = 0.2
+"""How long in-flight calls get at stop before they are cancelled; streams end at once."""
 MAX_SOCKET_PATH = 107
 """sun_path holds 108 bytes with the terminating NUL; the kubelet could not dial a longer path either."""
+INLINE_IDS = 2000
+"""Requests naming more IDs than this are checked and answered in a worker thread."""
+SHOWN_ID_CHARS = 80
+SHOWN_IDS = 3
+
+T = TypeVar("T")
 
 
 class ServeError(Exception):
     """A resource's socket cannot be served; the message names the resource and the path."""
+
+
+class RequestError(Exception):
+    """A request refused before the driver saw it; the message is for the kubelet's log."""
 
 
 def socket_name(resource: str) -> str:
@@ -36,38 +51,63 @@ def socket_name(resource: str) -> str:
     return "nodedev-" + re.sub(r"[^A-Za-z0-9.-]", "_", resource) + ".sock"
 
 
-def _kubelet_view(devices: Mapping[str, Device]) -> list[tuple[str, str, tuple[int, ...]]]:
-    """What the kubelet sees of a list; reasons are ours alone and never cause an update."""
+def shown_id(device_id: str) -> str:
+    """An ID as errors and logs echo it: a 1 MB ID must not become a 1 MB log line."""
+    if len(device_id) <= SHOWN_ID_CHARS:
+        return repr(device_id)
+    return repr(device_id[:SHOWN_ID_CHARS]) + f"... ({len(device_id)} characters)"
+
+
+def shown_ids(ids: Sequence[str]) -> str:
+    """At most a few IDs, each shortened, then "and N more"."""
+    text = ", ".join(shown_id(i) for i in ids[:SHOWN_IDS])
+    return text + (f" and {len(ids) - SHOWN_IDS} more" if len(ids) > SHOWN_IDS else "")
+
+
+_View = list[tuple[str, str, tuple[int, ...]]]
+
+
+def _kubelet_view(devices: Mapping[str, Device]) -> _View:
+    """What the kubelet sees of a list; reasons and edits are ours alone and never cause an update."""
     return sorted((d.id, d.health.value, d.numa_nodes) for d in devices.values())
 
 
-class ResourceServer(pb_grpc.DevicePluginServicer):
-    def __init__(self, resource: str, driver: Driver, plugin_dir: Path) -> None:
+class ResourceServer(pb_grpc.DevicePluginServicer):  # type: ignore[misc]
+    def __init__(self, resource: str, driver: Driver, plugin_dir: Path) -> None:  # type: ignore[type-arg]
         self.resource = resource
-        self.driver = driver
+        self.driver: Driver = driver  # type: ignore[type-arg]
+        """Replaced when a config reload restarts the driver; the socket stays."""
         self.endpoint = socket_name(resource)
         self.socket_path = plugin_dir / self.endpoint
         self.devices: Mapping[str, Device] = {}
         self.version = 0
-        self._view: list[tuple[str, str, tuple[int, ...]]] = []
+        self.generation = 0
+        """Bumped at every start: a stream from before a restart ends, and registration
+        knows the kubelet has not yet seen this incarnation of the socket."""
+        self._view: _View = []
         self._response = pb.ListAndWatchResponse()
         self._changed = asyncio.Event()
         """Set, and replaced, at every new version: each stream waits on the one it saw."""
         self._server: grpc.aio.Server | None = None
         self._closing = False
-        self._generation = 0
-        """Bumped at every start: a stream from before a restart ends instead of carrying on."""
         self._inode: int | None = None
         self._allocated_ok = metrics.ALLOCATIONS.labels(resource, "ok")
-        self.options = pb.DevicePluginOptions(
-            pre_start_required=driver.implements("pre_start"),
-            get_preferred_allocation_available=driver.implements("preferred_allocation"),
+
+    @property
+    def options(self) -> pb.DevicePluginOptions:
+        return pb.DevicePluginOptions(
+            pre_start_required=self.driver.implements("pre_start"),
+            get_preferred_allocation_available=self.driver.implements("preferred_allocation"),
         )
 
     # --- lifecycle ------------------------------------------------------------
 
     async def start(self) -> None:
-        """Serves on the socket, replacing a stale file left there by an earlier run."""
+        """Serves on the socket, replacing a stale file left there by an earlier run.
+
+        Anything can unlink the socket at any moment (a kubelet restart wipes the
+        directory): every step that touches the file is a ServeError, never a crash.
+        """
         length = len(os.fsencode(self.socket_path))
         if length > MAX_SOCKET_PATH:
             raise ServeError(f"{self.resource}: socket path {self.socket_path} is {length} bytes, unix sockets allow {MAX_SOCKET_PATH}")
@@ -82,15 +122,20 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
         except RuntimeError:
             raise ServeError(f"{self.resource}: cannot listen on {self.socket_path}") from None
         await server.start()
-        self._generation += 1
+        try:
+            os.chmod(self.socket_path, 0o600)
+            inode = self.socket_path.stat().st_ino
+        except OSError as err:
+            await server.stop(None)
+            raise ServeError(f"{self.resource}: {self.socket_path} vanished as it was created: {err.strerror}") from None
+        self.generation += 1
         self._closing = False
-        os.chmod(self.socket_path, 0o600)
-        self._inode = self.socket_path.stat().st_ino
+        self._inode = inode
         self._server = server
         log.debug("%s: serving on %s", self.resource, self.socket_path)
 
     async def stop(self) -> None:
-        """Ends every stream cleanly, stops serving, and removes our socket if it is still ours."""
+        """Ends every stream, stops serving, and removes our socket if it is still ours."""
         server, self._server = self._server, None
         if server is None:
             return
@@ -98,14 +143,17 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
         self._wake()
         await server.stop(STOP_GRACE_S)
         if self.socket_present():
-            self.socket_path.unlink(missing_ok=True)
+            try:
+                self.socket_path.unlink(missing_ok=True)
+            except OSError as err:
+                log.warning("%s: cannot remove %s: %s", self.resource, self.socket_path, err.strerror)
         self._inode = None
 
     def socket_present(self) -> bool:
         """Whether the socket file we bound is still there (the kubelet wipes the directory)."""
         try:
             return self._inode is not None and self.socket_path.stat().st_ino == self._inode
-        except FileNotFoundError:
+        except OSError:
             return False
 
     @property
@@ -114,9 +162,15 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
 
     # --- updates from the inventory ---------------------------------------------
 
-    def update(self, devices: Mapping[str, Device]) -> None:
-        """Takes the full list; wakes the streams only when the kubelet's view changed."""
+    def update(self, devices: Mapping[str, Device], *, changed: bool = True) -> None:
+        """Takes the full list; wakes the streams only when the kubelet's view changed.
+
+        `changed=False` (the inventory saw no device differ) only swaps in the new
+        devices, whose edits Allocate uses, without re-sorting a long list.
+        """
         self.devices = devices
+        if not changed and self.version > 0:
+            return
         for health in Health:
             metrics.DEVICES.labels(self.resource, health.value).set(sum(d.health is health for d in devices.values()))
         view = _kubelet_view(devices)
@@ -148,8 +202,8 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
 
     async def ListAndWatch(self, request: pb.Empty, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ListAndWatchResponse]:
         sent = 0
-        generation = self._generation
-        while not self._closing and generation == self._generation:
+        generation = self.generation
+        while not self._closing and generation == self.generation:
             if self.version == sent:
                 await self._changed.wait()
                 continue
@@ -158,20 +212,36 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
 
     async def Allocate(self, request: pb.AllocateRequest, context: grpc.aio.ServicerContext) -> pb.AllocateResponse:
         containers = [list(c.devices_ids) for c in request.container_requests]
-        if problem := self._check_ids([i for ids in containers for i in ids]):
-            await self._refuse(context, "refused", grpc.StatusCode.INVALID_ARGUMENT, problem)
+        total = sum(len(ids) for ids in containers)
+        try:
+            return await self._answer(total, lambda: self._allocate(containers))
+        except RequestError as err:
+            await self._refuse(context, "refused", grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except Exception as err:  # noqa: BLE001 - a driver bug fails this pod, not the daemon
+            log.debug("%s: allocate failed", self.resource, exc_info=True)
+            await self._refuse(context, "failed", grpc.StatusCode.INTERNAL, f"{self.resource}: allocate failed: {type(err).__name__}: {err}"[:500])
+        raise AssertionError("unreachable: abort raises")
+
+    def _allocate(self, containers: list[list[str]]) -> pb.AllocateResponse:
+        if not containers:
+            raise RequestError(f"{self.resource}: the request names no container")
+        devices = self.devices  # one snapshot for the whole request
+        chosen = self._checked(containers, devices)
         responses = []
-        for ids in containers:
+        for picked in chosen:
             try:
-                allocation = self.driver.allocate(self.resource, ids)
+                extra = self.driver.allocate(self.resource, picked)
             except AllocationError as err:
-                await self._refuse(context, "refused", grpc.StatusCode.INVALID_ARGUMENT, f"{self.resource}: {err}")
-            except Exception as err:  # noqa: BLE001 - a driver bug fails this pod, not the daemon
-                log.exception("%s: allocate %s failed", self.resource, ids)
-                await self._refuse(context, "failed", grpc.StatusCode.INTERNAL, f"{self.resource}: allocate failed: {err}")
-            responses.append(_container_response(allocation))
+                raise RequestError(f"{self.resource}: {err}") from None
+            responses.append(_container_response(ContainerEdits.merge((d.edits for d in picked), extra)))
         self._allocated_ok.inc()
         return pb.AllocateResponse(container_responses=responses)
+
+    async def _answer(self, size: int, work: Callable[[], T]) -> T:
+        """Small requests are answered on the loop (a thread hop costs more than they do)."""
+        if size <= INLINE_IDS:
+            return work()
+        return await asyncio.to_thread(work)
 
     async def _refuse(self, context: grpc.aio.ServicerContext, result: str, code: grpc.StatusCode, message: str) -> None:
         log.warning("%s", message)
@@ -181,63 +251,108 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
     async def GetPreferredAllocation(
         self, request: pb.PreferredAllocationRequest, context: grpc.aio.ServicerContext
     ) -> pb.PreferredAllocationResponse:
-        if not self.options.get_preferred_allocation_available:
+        if not self.driver.implements("preferred_allocation"):
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{self.resource}: no preferred allocation")
+        containers = list(request.container_requests)
+        total = sum(len(c.available_deviceIDs) + len(c.must_include_deviceIDs) for c in containers)
+        try:
+            return await self._answer(total, lambda: self._preferred(containers))
+        except RequestError as err:
+            log.warning("%s", err)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except Exception as err:  # noqa: BLE001 - a driver bug fails this request only
+            log.debug("%s: preferred allocation failed", self.resource, exc_info=True)
+            await context.abort(grpc.StatusCode.INTERNAL, f"{self.resource}: preferred allocation failed: {type(err).__name__}"[:500])
+        raise AssertionError("unreachable: abort raises")
+
+    def _preferred(self, containers: list[pb.ContainerPreferredAllocationRequest]) -> pb.PreferredAllocationResponse:
         responses = []
-        for req in request.container_requests:
+        devices = self.devices
+        for req in containers:
             available, required = list(req.available_deviceIDs), list(req.must_include_deviceIDs)
-            if problem := _preferred_problem(available, required, req.allocation_size):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.resource}: {problem}")
+            self._check_preferred(available, required, req.allocation_size, devices)
             try:
                 chosen = self.driver.preferred_allocation(self.resource, available, required, req.allocation_size)
             except AllocationError as err:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.resource}: {err}")
+                raise RequestError(f"{self.resource}: {err}") from None
             responses.append(pb.ContainerPreferredAllocationResponse(deviceIDs=chosen))
         return pb.PreferredAllocationResponse(container_responses=responses)
+
+    def _check_preferred(self, available: list[str], required: list[str], size: int, devices: Mapping[str, Device]) -> None:
+        """Linear in the request: one set each, built once."""
+        if len(available) > len(devices):
+            raise RequestError(f"{self.resource}: {len(available)} available devices named, but the resource has {len(devices)}")
+        if not 1 <= size <= len(available):
+            raise RequestError(f"{self.resource}: allocation size {size} is not between 1 and the {len(available)} available devices")
+        if len(required) > size:
+            raise RequestError(f"{self.resource}: {len(required)} must-include devices exceed the allocation size {size}")
+        offered = set(available)
+        if len(offered) != len(available):
+            raise RequestError(f"{self.resource}: {_repeated(available)} listed more than once among the available devices")
+        if unknown := [i for i in available if i not in devices]:
+            raise RequestError(f"{self.resource}: unknown available device(s) {shown_ids(unknown)}")
+        if missing := [i for i in required if i not in offered]:
+            raise RequestError(f"{self.resource}: must-include device(s) {shown_ids(missing)} are not among the available ones")
+        if len(set(required)) != len(required):
+            raise RequestError(f"{self.resource}: must-include device {_repeated(required)} is listed more than once")
 
     async def PreStartContainer(
         self, request: pb.PreStartContainerRequest, context: grpc.aio.ServicerContext
     ) -> pb.PreStartContainerResponse:
-        if self.options.pre_start_required:
+        if self.driver.implements("pre_start"):
             ids = list(request.devices_ids)
-            if problem := self._check_ids(ids):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
             try:
-                await asyncio.to_thread(self.driver.pre_start, self.resource, ids)
+                picked = self._checked([ids], self.devices)[0]
+            except RequestError as err:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            try:
+                await asyncio.to_thread(self.driver.pre_start, self.resource, [d.id for d in picked])
             except Exception as err:  # noqa: BLE001 - reported to the kubelet, which fails the pod
-                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{self.resource}: pre-start of {ids} failed: {err}")
+                message = f"{self.resource}: pre-start of {shown_ids(ids)} failed: {err}"[:1000]
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, message)
         return pb.PreStartContainerResponse()
 
-    def _check_ids(self, ids: Sequence[str]) -> str | None:
+    def _checked(self, containers: Sequence[Sequence[str]], devices: Mapping[str, Device]) -> list[list[Device]]:
+        """Each container's devices: every ID known, Healthy, and asked for once in the
+        whole request. Refused at once when the request names more IDs than exist."""
+        total = sum(len(ids) for ids in containers)
+        if total > len(devices):
+            raise RequestError(f"{self.resource}: the request names {total} devices, but the resource has {len(devices)}")
         seen: set[str] = set()
-        for device_id in ids:
-            device = self.devices.get(device_id)
-            if device is None:
-                return f"{self.resource}: unknown device {device_id!r}"
-            if not device.healthy:
-                why = f": {device.reason}" if device.reason else ""
-                return f"{self.resource}: device {device_id!r} is Unhealthy{why}"
-            if device_id in seen:
-                return f"{self.resource}: device {device_id!r} is requested more than once"
-            seen.add(device_id)
-        return None
+        chosen: list[list[Device]] = []
+        for ids in containers:
+            if not ids:
+                raise RequestError(f"{self.resource}: a container request names no device")
+            picked: list[Device] = []
+            for device_id in ids:
+                device = devices.get(device_id)
+                if device is None:
+                    raise RequestError(f"{self.resource}: unknown device {shown_id(device_id)}")
+                if not device.healthy:
+                    why = f": {device.reason}" if device.reason else ""
+                    raise RequestError(f"{self.resource}: device {shown_id(device_id)} is Unhealthy{why}")
+                if device_id in seen:
+                    raise RequestError(f"{self.resource}: device {shown_id(device_id)} is requested more than once")
+                seen.add(device_id)
+                picked.append(device)
+            chosen.append(picked)
+        return chosen
 
 
-def _preferred_problem(available: list[str], required: list[str], size: int) -> str | None:
-    if size < 1 or size > len(available):
-        return f"allocation size {size} is not between 1 and the {len(available)} available devices"
-    if missing := [i for i in required if i not in set(available)]:
-        return f"must-include devices {missing} are not among the available ones"
-    if len(required) > size:
-        return f"{len(required)} must-include devices exceed the allocation size {size}"
-    return None
+def _repeated(ids: Sequence[str]) -> str:
+    seen: set[str] = set()
+    for device_id in ids:
+        if device_id in seen:
+            return shown_id(device_id)
+        seen.add(device_id)
+    return "an ID"
 
 
-def _container_response(allocation: Allocation) -> pb.ContainerAllocateResponse:
+def _container_response(edits: ContainerEdits) -> pb.ContainerAllocateResponse:
     return pb.ContainerAllocateResponse(
-        envs=allocation.envs,
-        mounts=[pb.Mount(container_path=m.container_path, host_path=m.host_path, read_only=m.read_only) for m in allocation.mounts],
-        devices=[pb.DeviceSpec(container_path=d.container_path, host_path=d.host_path, permissions=d.permissions) for d in allocation.devices],
-        annotations=allocation.annotations,
-        cdi_devices=[pb.CDIDevice(name=name) for name in allocation.cdi_devices],
+        envs=edits.envs,
+        mounts=[pb.Mount(container_path=m.container_path, host_path=m.host_path, read_only=m.read_only) for m in edits.mounts],
+        devices=[pb.DeviceSpec(container_path=d.container_path, host_path=d.host_path, permissions=d.permissions) for d in edits.devices],
+        annotations=edits.annotations,
+        cdi_devices=[pb.CDIDevice(name=name) for name in edits.cdi_devices],
     )
