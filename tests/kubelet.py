@@ -41,6 +41,17 @@ def is_extended_resource_name(name: str) -> bool:
     return bool(_SUBDOMAIN.match(domain)) and len(short) <= 63 and bool(_QUALIFIED.match(short))
 
 
+@dataclass(frozen=True)
+class RegisterRecord:
+    """One Register as the kubelet saw it: for which incarnation, and whether the plugin's
+    socket existed and answered at that moment (a Register for a dead socket is a bug)."""
+
+    resource: str
+    incarnation: int
+    socket_existed: bool
+    accepted: bool
+
+
 @dataclass
 class Endpoint:
     resource: str
@@ -57,6 +68,7 @@ class KubeletDouble:
         self.socket = plugin_dir / "kubelet.sock"
         self.dial_timeout = dial_timeout
         self.registrations: list[pb.RegisterRequest] = []
+        self.register_log: list[RegisterRecord] = []
         self.rejections: list[str] = []
         self.endpoints: dict[str, Endpoint] = {}
         self.history: dict[str, list[DeviceView]] = {}
@@ -83,12 +95,16 @@ class KubeletDouble:
         for endpoint in endpoints:
             endpoint.channel.close()
 
-    def restart(self) -> None:
-        """What a restarting kubelet does: forget plugins, wipe sockets, serve a new kubelet.sock."""
+    def restart(self, *, wipe: bool = True) -> None:
+        """What a restarting kubelet does: forget plugins, wipe sockets, serve a new kubelet.sock.
+
+        `wipe=False` replaces only kubelet.sock, leaving the plugins' sockets: a kubelet
+        started with a cleanup that did not reach them must still get every resource back.
+        """
         self.stop()
         for entry in self.plugin_dir.iterdir():
-            if entry.name != CHECKPOINT:
-                entry.unlink()
+            if entry.name != CHECKPOINT and (wipe or entry.name == self.socket.name):
+                entry.unlink(missing_ok=True)
         with self._cond:
             self.restarts += 1
         self.start()
@@ -136,6 +152,23 @@ class KubeletDouble:
     # --- the Registration service ------------------------------------------------
 
     def _register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.Empty:
+        with self._cond:
+            incarnation = self.restarts
+        existed = "/" not in request.endpoint and (self.plugin_dir / request.endpoint).exists()
+        try:
+            result = self._accept(request, context)
+        except BaseException:
+            self._record(request.resource_name, incarnation, existed, accepted=False)
+            raise
+        self._record(request.resource_name, incarnation, existed, accepted=True)
+        return result
+
+    def _record(self, resource: str, incarnation: int, existed: bool, *, accepted: bool) -> None:
+        with self._cond:
+            self.register_log.append(RegisterRecord(resource, incarnation, existed, accepted))
+            self._cond.notify_all()
+
+    def _accept(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.Empty:
         if request.version != "v1beta1":
             self._reject(context, f"unsupported API version {request.version!r}")
         if not is_extended_resource_name(request.resource_name):
@@ -174,7 +207,7 @@ class KubeletDouble:
                     endpoint.lists.append(view)
                     self.history.setdefault(endpoint.resource, []).append(view)
                     self._cond.notify_all()
-        except grpc.RpcError:
+        except (grpc.RpcError, ValueError):  # ValueError: the channel was closed by a re-registration
             pass
         finally:
             with self._cond:

@@ -1,10 +1,18 @@
-"""Registering each resource with the kubelet, and again whenever it is needed.
+"""Registering each resource with the kubelet, exactly when it is needed.
 
-The kubelet dials the plugin's socket before it answers Register, so a resource
-is registered only once its server is serving. While kubelet.sock is missing or
-refuses, each resource retries with capped exponential backoff; a new kubelet.sock
-(seen by the plugin-directory watch) cuts the wait short. Failures are logged once
-per change of state, not once per try.
+The kubelet dials the plugin's socket before it answers Register, so a Register
+is sent only while that resource's own socket is present and serving. Each
+resource has one long-lived task that registers whenever the pair (the
+kubelet.sock it would talk to, the incarnation of our socket) differs from the
+pair that last succeeded: after a kubelet restart or after our socket was
+served again, exactly one successful Register follows. An attempt in flight is
+never cancelled to start another, because a Register the kubelet already
+accepted would then be sent twice.
+
+While kubelet.sock is missing or refuses, the task retries with capped
+exponential backoff; a new kubelet.sock (seen by the plugin-directory watch)
+or our socket served again cuts the wait short. Failures are logged once per
+change of state, not once per try.
 """
 
 from __future__ import annotations
@@ -12,12 +20,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 
-from nodedev.api import deviceplugin_pb2 as pb
 from nodedev import metrics
+from nodedev.api import deviceplugin_pb2 as pb
 from nodedev.api import deviceplugin_pb2_grpc as pb_grpc
 from nodedev.server import ResourceServer
 
@@ -31,70 +40,112 @@ _NO_KUBELET = " does not exist (is the kubelet running?)"
 BACKOFF_FIRST_S = 0.05
 BACKOFF_MAX_S = 5.0
 
+_Key = tuple[int, int, int]
+"""(kubelet.sock inode, our socket's generation, forced re-registrations): what a success covers."""
+
+
+@dataclass(eq=False)
+class _Resource:
+    server: ResourceServer
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+    registered: _Key | None = None
+    forced: int = 0
+    problem: str | None = None
+    delays: list[float] = field(default_factory=list)
+    """Backoff waits taken since the last success, for tests and the logs."""
+
 
 class Registrar:
     def __init__(self, plugin_dir: Path) -> None:
         self.kubelet_socket = plugin_dir / KUBELET_SOCKET
-        self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._appeared = asyncio.Event()
-        self._last_problem: dict[str, str | None] = {}
-        self._registered_to: dict[str, int] = {}
-        """Resource -> inode of the kubelet.sock that accepted it: a new kubelet has a new inode."""
+        self._resources: dict[str, _Resource] = {}
 
-    def register(self, server: ResourceServer) -> None:
-        """(Re)starts registering `server`, replacing any attempt already under way."""
-        if (task := self._tasks.get(server.resource)) is not None:
-            task.cancel()
-        self._tasks[server.resource] = asyncio.create_task(self._register(server), name=f"register-{server.resource}")
+    def register(self, server: ResourceServer, *, force: bool = False) -> None:
+        """Makes sure `server` is registered with the current kubelet; `force` registers
+        again even if it already is (new options after a config reload)."""
+        entry = self._resources.get(server.resource)
+        if entry is None or entry.server is not server:
+            if entry is not None and entry.task is not None:
+                entry.task.cancel()
+            entry = self._resources[server.resource] = _Resource(server)
+        if force:
+            entry.forced += 1
+        if entry.task is None or entry.task.done():
+            entry.task = asyncio.create_task(self._run(entry), name=f"register-{server.resource}")
+        entry.wake.set()
+
+    def forget(self, resource: str) -> None:
+        """Stops registering a resource that is no longer served."""
+        entry = self._resources.pop(resource, None)
+        if entry is not None and entry.task is not None:
+            entry.task.cancel()
 
     def kubelet_appeared(self, servers: Iterable[ResourceServer]) -> None:
-        """A kubelet.sock was created: waiting attempts retry now, and every resource
-        registered with an earlier kubelet registers again."""
-        self._appeared.set()
-        self._appeared = asyncio.Event()
-        current = self._kubelet_inode()
+        """A kubelet.sock was created (or may have been): each resource checks whether it
+        is registered with that kubelet, and waiting attempts retry now."""
         for server in servers:
-            task = self._tasks.get(server.resource)
-            in_flight = task is not None and not task.done()
-            if not in_flight and self._registered_to.get(server.resource) != current:
-                self.register(server)
+            self.register(server)
 
-    async def wait_idle(self) -> None:
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+    def registered(self, resource: str) -> bool:
+        entry = self._resources.get(resource)
+        return entry is not None and entry.registered is not None and entry.registered == self._key(entry)
+
+    def backoff(self, resource: str) -> list[float]:
+        entry = self._resources.get(resource)
+        return list(entry.delays) if entry is not None else []
 
     async def close(self) -> None:
-        for task in self._tasks.values():
+        tasks = [e.task for e in self._resources.values() if e.task is not None]
+        for task in tasks:
             task.cancel()
-        await self.wait_idle()
-        self._tasks.clear()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._resources.clear()
 
-    async def _register(self, server: ResourceServer) -> None:
+    def _key(self, entry: _Resource) -> _Key | None:
+        inode = self._kubelet_inode()
+        return None if inode is None else (inode, entry.server.generation, entry.forced)
+
+    async def _run(self, entry: _Resource) -> None:
         delay = BACKOFF_FIRST_S
         while True:
-            # Taken before the attempt, so a kubelet that appears during it is not missed.
-            appeared = self._appeared
-            problem = await self._attempt(server)
+            entry.wake.clear()
+            server = entry.server
+            if not (server.serving and server.socket_present()):
+                # Not serving right now (a kubelet restart wiped it): whoever serves it
+                # again calls register(), which wakes us. Never Register a dead socket.
+                await entry.wake.wait()
+                continue
+            key = self._key(entry)
+            if key is not None and key == entry.registered:
+                await entry.wake.wait()
+                delay = BACKOFF_FIRST_S
+                continue
+            problem = await self._attempt(server) if key is not None else f"{self.kubelet_socket}{_NO_KUBELET}"
             if problem is None:
-                self._last_problem[server.resource] = None
+                # Recorded only if kubelet.sock stayed the same file throughout: otherwise we
+                # cannot tell which kubelet answered, and registering again is the safe side.
+                entry.registered = key if self._key(entry) == key else None
+                entry.problem = None
+                entry.delays.clear()
+                delay = BACKOFF_FIRST_S
                 metrics.REGISTRATIONS.labels(server.resource).inc()
                 log.info("%s: registered with the kubelet (endpoint %s)", server.resource, server.endpoint)
-                return
-            if self._last_problem.get(server.resource) != problem:
+                continue
+            if entry.problem != problem:
                 # A missing kubelet.sock is the normal middle of a kubelet restart.
                 level = logging.INFO if problem.endswith(_NO_KUBELET) else logging.WARNING
                 log.log(level, "%s: cannot register yet, will keep trying: %s", server.resource, problem)
-                self._last_problem[server.resource] = problem
+                entry.problem = problem
+            entry.delays.append(delay)
             try:
-                await asyncio.wait_for(appeared.wait(), delay)
+                await asyncio.wait_for(entry.wake.wait(), delay)
             except TimeoutError:
                 pass
             delay = min(delay * 2, BACKOFF_MAX_S)
 
     async def _attempt(self, server: ResourceServer) -> str | None:
         """One Register call; the problem in words, or None when it succeeded."""
-        inode = self._kubelet_inode()
-        if inode is None:
-            return f"{self.kubelet_socket}{_NO_KUBELET}"
         request = pb.RegisterRequest(
             version=API_VERSION,
             endpoint=server.endpoint,
@@ -105,12 +156,11 @@ class Registrar:
             async with grpc.aio.insecure_channel(f"unix://{self.kubelet_socket}") as channel:
                 await pb_grpc.RegistrationStub(channel).Register(request, timeout=REGISTER_TIMEOUT_S)
         except grpc.aio.AioRpcError as err:
-            return f"kubelet answered {err.code().name}: {err.details()}"
-        self._registered_to[server.resource] = inode
+            return f"kubelet answered {err.code().name}: {str(err.details())[:300]}"
         return None
 
     def _kubelet_inode(self) -> int | None:
         try:
             return self.kubelet_socket.stat().st_ino
-        except FileNotFoundError:
+        except OSError:
             return None
