@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import pytest
 
 from nodedev.config import Config, EnabledDriver, HotplugSettings
-from nodedev.driver import Allocation, Device, Driver, DriverError, DriverOptions, Health, Snapshot
+from nodedev.driver import Device, Driver, DriverError, DriverOptions, Health, Snapshot
 from nodedev.inventory import Change, Inventory
 
 
@@ -19,8 +20,8 @@ progress = threading.Condition()
 """Notified on every scan (a worker thread) and every listener call (the loop)."""
 
 
-class ScriptedDriver(Driver):
-    """Reports whatever the test puts in `snapshot`; counts its scans."""
+class ScriptedDriver(Driver[DriverOptions]):
+    """Reports whatever the test puts in `snapshot`; counts its scans and what each was told."""
 
     name = "scripted"
     snapshot: Snapshot = {}
@@ -29,6 +30,9 @@ class ScriptedDriver(Driver):
     def __init__(self, options: DriverOptions, host) -> None:
         super().__init__(options, host)
         self.scans = 0
+        self.told: list[frozenset[str] | None] = []
+        self.scanning = False
+        self.overlaps = 0
         self.gate = threading.Event()
         self.gate.set()
 
@@ -36,17 +40,25 @@ class ScriptedDriver(Driver):
         if self.fail_start:
             raise DriverError(self.fail_start)
 
-    def scan(self) -> Snapshot:
-        self.gate.wait(5)
+    def scan(self, changed: Collection[str] | None = None) -> Snapshot:
         with progress:
-            self.scans += 1
+            self.scanning = True
             progress.notify_all()
-        if isinstance(self.snapshot, Exception):
-            raise self.snapshot
-        return self.snapshot
+        try:
+            self.gate.wait(5)
+            with progress:
+                self.scans += 1
+                self.told.append(None if changed is None else frozenset(changed))
+                progress.notify_all()
+            if isinstance(self.snapshot, Exception):
+                raise self.snapshot
+            return self.snapshot
+        finally:
+            self.scanning = False
 
-    def allocate(self, resource: str, device_ids: Sequence[str]) -> Allocation:
-        return Allocation()
+    def stop(self) -> None:
+        if self.scanning:
+            self.overlaps += 1
 
 
 class _NotifyOnRecord(logging.Handler):
@@ -61,14 +73,15 @@ def driver_class(name: str, **attrs) -> type[ScriptedDriver]:
     return type(f"Driver_{name}", (ScriptedDriver,), {"name": name, **attrs})
 
 
-def config(*classes: type[Driver]) -> Config:
+def config(*classes: type[ScriptedDriver], resync: float = 0) -> Config:
     enabled = tuple(EnabledDriver(c.name, c, DriverOptions(enabled=True)) for c in classes)
     return Config(
         path=Path("test.yaml"),
         plugin_dir=Path("/nonexistent"),
         sysfs_root=Path("/sys"),
         dev_root=Path("/dev"),
-        hotplug=HotplugSettings(resync_seconds=0),
+        proc_root=Path("/proc"),
+        hotplug=HotplugSettings(resync_seconds=resync),
         metrics_address="",
         drivers=enabled,
     )
@@ -78,8 +91,8 @@ def dev(device_id: str, health: Health = Health.HEALTHY, reason: str = "") -> De
     return Device(device_id, health, reason)
 
 
-async def started(*classes: type[Driver]) -> tuple[Inventory, list[tuple[str, list[Change]]]]:
-    inventory = Inventory(config(*classes))
+async def started(*classes: type[ScriptedDriver], resync: float = 0) -> tuple[Inventory, list[tuple[str, list[Change]]]]:
+    inventory = Inventory(config(*classes, resync=resync))
     seen: list[tuple[str, list[Change]]] = []
 
     def listener(resource: str, devices: object, changes: Sequence[Change]) -> None:
@@ -210,6 +223,7 @@ def test_listeners_hear_each_change_and_a_driver_thread_can_ask_for_a_rescan() -
         return seen
 
     seen = asyncio.run(run())
+    seen = [entry for i, entry in enumerate(seen) if i == 0 or entry[1]]  # listeners hear every scan
 
     assert [c.after for c in seen[0][1]] == [dev("a"), dev("b")]
     assert [(c.before, c.after) for c in seen[1][1]] == [
@@ -219,3 +233,83 @@ def test_listeners_hear_each_change_and_a_driver_thread_can_ask_for_a_rescan() -
     ]
     assert seen[2][0] == "example.com/x"  # a resource that vanished from the scan is kept, empty
     assert [(c.before.id, c.after) for c in seen[2][1]] == [("a", None), ("c", None)]  # type: ignore[union-attr]
+
+
+def test_names_asked_for_during_a_scan_fold_into_one_follow_up_scan_told_all_of_them() -> None:
+    cls = driver_class("named", snapshot={"example.com/x": [dev("a")]})
+
+    async def run() -> ScriptedDriver:
+        inventory, _ = await started(cls)
+        driver = inventory.runners["named"].driver
+        assert isinstance(driver, ScriptedDriver)
+        driver.gate.clear()
+        inventory.request_rescan("named", {"eth0"})
+        await until(lambda: driver.scanning)  # the scan told {eth0} is in flight, held
+        inventory.request_rescan("named", {"eth1"})
+        inventory.request_rescan("named", {"eth2", "eth1"})
+        driver.gate.set()
+        await until(lambda: driver.scans == 3)
+        inventory.request_rescan("named", {"eth3"})
+        inventory.request_rescan("named")  # everything: absorbs the names
+        await until(lambda: driver.scans == 4)
+        await inventory.stop()
+        return driver
+
+    driver = asyncio.run(run())
+    assert driver.told == [None, frozenset({"eth0"}), frozenset({"eth1", "eth2"}), None]
+
+
+def test_an_idle_driver_is_scanned_at_once_not_after_a_spacing() -> None:
+    cls = driver_class("prompt", snapshot={"example.com/x": [dev("a")]})
+
+    async def run() -> list[float]:
+        inventory, _ = await started(cls)
+        driver = inventory.runners["prompt"].driver
+        assert isinstance(driver, ScriptedDriver)
+        took = []
+        for n in range(2, 12):
+            began = time.monotonic()
+            inventory.request_rescan("prompt", {"x"})
+            await until(lambda n=n: driver.scans == n)
+            took.append(time.monotonic() - began)
+        await inventory.stop()
+        return took
+
+    took = asyncio.run(run())
+    assert max(took) < 0.05, took  # back-to-back requests, each scanned as it comes
+
+
+def test_stop_never_overlaps_a_scan_still_running_in_its_thread() -> None:
+    cls = driver_class("slow", snapshot={"example.com/x": [dev("a")]})
+
+    async def run() -> ScriptedDriver:
+        inventory, _ = await started(cls)
+        driver = inventory.runners["slow"].driver
+        assert isinstance(driver, ScriptedDriver)
+        driver.gate.clear()
+        inventory.request_rescan("slow")
+        await until(lambda: driver.scanning)
+        stopping = asyncio.create_task(inventory.stop())  # cancels the rescan task; the thread runs on
+        await asyncio.sleep(0.05)  # give stop() the chance to overlap, were it allowed to
+        driver.gate.set()
+        await stopping
+        return driver
+
+    driver = asyncio.run(run())
+    assert driver.overlaps == 0
+
+
+def test_the_periodic_resync_catches_a_change_no_event_reported() -> None:
+    cls = driver_class("quiet", snapshot={"example.com/x": [dev("a")]})
+
+    async def run() -> list[tuple[str, list[Change]]]:
+        inventory, seen = await started(cls, resync=1)
+        driver = inventory.runners["quiet"].driver
+        assert isinstance(driver, ScriptedDriver)
+        driver.snapshot = {"example.com/x": [dev("a", Health.UNHEALTHY, "gone")]}  # nobody calls rescan
+        await until(lambda: any(changes for _, changes in seen[1:]), timeout=3)
+        await inventory.stop()
+        return seen
+
+    seen = asyncio.run(run())
+    assert [c.after for _, changes in seen for c in changes][-1] == dev("a", Health.UNHEALTHY, "gone")

@@ -5,6 +5,10 @@ The inventory starts every enabled driver, rescans a driver when something asks
 and diffs the snapshot it returns, and tells listeners which resources changed.
 It knows nothing of gRPC; `serve` puts the kubelet side on top of it, `watch`
 prints its changes.
+
+Scans are not spaced: a driver is scanned at once when no scan of it is in
+flight, and whatever asks while one runs folds into a single follow-up scan,
+told the union of the device names that changed (or "everything").
 """
 
 from __future__ import annotations
@@ -12,25 +16,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import time
+import threading
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from nodedev import metrics
 from nodedev.config import Config, EnabledDriver, resource_name_problem
-from nodedev.driver import MAX_DEVICE_ID_LENGTH, Device, Driver, DriverError, HostContext
+from nodedev.driver import MAX_DEVICE_ID_LENGTH, Device, Driver, DriverError, HostContext, Snapshot
 
 if TYPE_CHECKING:
-    from nodedev.hotplug import HotplugEngine
+    from nodedev.hotplug import HotplugEngine, PathWatcher
 
 log = logging.getLogger("nodedev.inventory")
 
-RESCAN_SPACING_S = 0.1
-"""The least time between two scans of one driver. The first event of a burst is
-scanned at once; the rest of the burst folds into one scan per spacing."""
+STOP_WAIT_S = 1.0
+"""How long stop() waits for a scan still running in its thread before giving up on the
+driver's stop(): stop never overlaps a scan, and SIGTERM must not hang on a stuck library."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +48,11 @@ class Change:
 
 
 Listener = Callable[[str, Mapping[str, Device], Sequence[Change]], None]
-"""Called on the loop with a resource, all its devices now, and what changed."""
+"""Called on the loop after every scan, for each resource of the driver: the resource,
+all its devices now, and what changed (often nothing: edits may still be new)."""
+
+Changed = frozenset[str] | None
+"""Device names an event named, or None for "everything"."""
 
 
 @dataclass(eq=False)
@@ -53,22 +61,27 @@ class DriverRunner:
 
     name: str
     enabled: EnabledDriver
-    driver: Driver | None = None
+    driver: Driver[Any] | None = None
     error: str | None = None
     task: asyncio.Task[None] | None = None
     devices: dict[str, dict[str, Device]] = field(default_factory=dict)
     wanted: asyncio.Event = field(default_factory=asyncio.Event)
-    last_scan: float = 0.0
+    changed: set[str] | None = field(default_factory=set)
+    """Names asked for since the last scan began; None once anyone asked for everything."""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    """Held in the worker thread around scan() and stop(), so the two never overlap."""
+    scans: int = 0
 
 
 class Inventory:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, paths: PathWatcher | None = None) -> None:
         self.config = config
         self.runners: dict[str, DriverRunner] = {}
         self.owners: dict[str, str] = {}
         self._listeners: list[Listener] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._paths = paths
         self.events: HotplugEngine | None = None
 
     def add_listener(self, listener: Listener) -> None:
@@ -80,6 +93,12 @@ class Inventory:
 
     def resources(self) -> dict[str, tuple[DriverRunner, dict[str, Device]]]:
         return {res: (r, devs) for r in self.started for res, devs in r.devices.items()}
+
+    def owner(self, resource: str) -> DriverRunner | None:
+        runner = self.runners.get(self.owners.get(resource, ""))
+        return runner if runner is not None and runner.driver is not None else None
+
+    # --- lifecycle -------------------------------------------------------------
 
     async def start(self, *, hotplug: bool = True) -> None:
         """Starts every driver (concurrently; a failure disables that driver only) and scans them."""
@@ -98,27 +117,29 @@ class Inventory:
     async def stop(self) -> None:
         if self.events is not None:
             self.events.close()
+            self.events = None
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
         await asyncio.gather(*(self._stop_driver(r) for r in self.started))
 
-    async def reconfigure(self, config: Config) -> list[str]:
-        """Applies a reloaded config's drivers; returns the resources no driver serves any more.
+    async def reconfigure(self, config: Config) -> tuple[list[str], list[str]]:
+        """Applies a reloaded config's drivers; returns (resources no driver serves any
+        more, resources still served by a driver that was restarted).
 
         A driver whose section is unchanged keeps running untouched; one removed,
-        disabled or changed is stopped, and a new or changed one is started and scanned.
+        disabled or changed is stopped, and a new or changed one is started and
+        scanned. A changed driver's resources keep their owner across the swap, so
+        the new driver's first scan lands on the same resource.
         """
         old = {name: r.enabled.options for name, r in self.runners.items()}
         new = {d.name: d for d in config.drivers}
         going = [name for name in old if name not in new or new[name].options != old[name]]
-        dropped: list[str] = []
+        before: dict[str, str] = dict(self.owners)
         for name in going:
             runner = self.runners.pop(name)
-            dropped += [res for res, owner in self.owners.items() if owner == name]
             self.owners = {res: owner for res, owner in self.owners.items() if owner != name}
-            if runner.task is not None:
-                runner.task.cancel()
             if self.events is not None:
                 self.events.subscribe(name, (), ())
             await self._stop_driver(runner)
@@ -127,7 +148,9 @@ class Inventory:
         for enabled in config.drivers:
             if enabled.name not in self.runners:
                 await self._add(enabled)
-        return dropped
+        restarted = [res for res, owner in before.items() if owner in going and self.owners.get(res) == owner]
+        dropped = [res for res in before if res not in self.owners]
+        return dropped, restarted
 
     async def _add(self, enabled: EnabledDriver) -> None:
         runner = self.runners[enabled.name] = self._runner(enabled)
@@ -136,7 +159,7 @@ class Inventory:
         if runner.driver is None:
             return
         if self.events is not None:
-            self.events.subscribe(runner.name, runner.driver.udev_matches(), runner.driver.watch_paths())
+            self.events.subscribe(runner.name, runner.driver.udev_matches(), ())
         await self._scan(runner)
         runner.task = asyncio.create_task(self._rescan_loop(runner), name=f"rescan-{runner.name}")
 
@@ -144,23 +167,42 @@ class Inventory:
         if runner.task is not None:
             runner.task.cancel()
             await asyncio.gather(runner.task, return_exceptions=True)
-        if runner.driver is None:
+            runner.task = None
+        driver = runner.driver
+        if driver is None:
             return
+
+        def stop() -> None:
+            if not runner.lock.acquire(timeout=STOP_WAIT_S):
+                log.warning("driver %s: a scan is still running after %.1f s; not stopping it", runner.name, STOP_WAIT_S)
+                return
+            try:
+                driver.stop()
+            finally:
+                runner.lock.release()
+
         try:
-            await asyncio.to_thread(runner.driver.stop)
+            await asyncio.to_thread(stop)
         except Exception as err:  # noqa: BLE001 - a driver's stop must not block the others'
             log.warning("driver %s: stop failed: %s", runner.name, err)
 
-    def request_rescan(self, driver: str) -> None:
+    # --- asking for scans -------------------------------------------------------
+
+    def request_rescan(self, driver: str, changed: Collection[str] | None = None) -> None:
         """Asks for a scan of one driver soon; requests made while one runs fold into one."""
         runner = self.runners.get(driver)
-        if runner is not None and runner.driver is not None:
-            runner.wanted.set()
+        if runner is None or runner.driver is None:
+            return
+        if changed is None or runner.changed is None:
+            runner.changed = None
+        else:
+            runner.changed.update(changed)
+        runner.wanted.set()
 
     def resync_all(self, reason: str) -> None:
         log.info("resyncing every driver: %s", reason)
         for runner in self.started:
-            runner.wanted.set()
+            self.request_rescan(runner.name)
 
     def _runner(self, enabled: EnabledDriver) -> DriverRunner:
         runner = DriverRunner(name=enabled.name, enabled=enabled)
@@ -180,8 +222,12 @@ class Inventory:
         return runner
 
     def _rescan_threadsafe(self, driver: str) -> None:
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self.request_rescan, driver)
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(self.request_rescan, driver)
+            except RuntimeError:  # the loop closed between the check and the call
+                pass
 
     async def _start_driver(self, runner: DriverRunner) -> None:
         assert runner.driver is not None
@@ -204,46 +250,59 @@ class Inventory:
             on_match=self.request_rescan,
             on_lost=self.resync_all,
             log=logging.getLogger("nodedev.hotplug"),
+            paths=self._paths,
         )
         for runner in self.started:
             assert runner.driver is not None
-            self.events.subscribe(runner.name, runner.driver.udev_matches(), runner.driver.watch_paths())
+            self.events.subscribe(runner.name, runner.driver.udev_matches(), ())
         try:
             self.events.start(asyncio.get_running_loop())
         except OSError as err:
             log.error("kernel device events unavailable (%s); relying on the periodic resync", err)
             self.events = None
         else:
-            log.info("listening for kernel device events (source %s)", self.events.source)
+            log.debug("listening for kernel device events (source %s)", self.events.source)
 
     async def _rescan_loop(self, runner: DriverRunner) -> None:
         while True:
             await runner.wanted.wait()
-            wait = runner.last_scan + RESCAN_SPACING_S - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            runner.wanted.clear()
             await self._scan(runner)
 
     async def _resync_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.hotplug.resync_seconds)
             for runner in self.started:
-                runner.wanted.set()
+                self.request_rescan(runner.name)
+
+    # --- scanning ----------------------------------------------------------------
 
     async def _scan(self, runner: DriverRunner) -> None:
-        assert runner.driver is not None
-        runner.last_scan = time.monotonic()
+        driver = runner.driver
+        assert driver is not None
+        runner.wanted.clear()
+        changed: Changed = None if runner.changed is None or runner.scans == 0 else frozenset(runner.changed)
+        runner.changed = set()
+
+        def scan() -> tuple[Snapshot, Sequence[Path]]:
+            with runner.lock:
+                return driver.scan(changed), driver.watch_paths()
+
         try:
-            snapshot = await asyncio.to_thread(runner.driver.scan)
+            snapshot, paths = await asyncio.to_thread(scan)
         except Exception as err:  # noqa: BLE001 - keep the last good snapshot and say why
             metrics.SCANS.labels(runner.name, "failed").inc()
             log.error("driver %s: scan failed, keeping the previous device list: %s", runner.name, err)
+            runner.changed = None  # what this scan was told is not read yet
             return
+        if runner.driver is not driver:  # stopped by a reload while it scanned
+            return
+        runner.scans += 1
         metrics.SCANS.labels(runner.name, "ok").inc()
+        if self.events is not None:
+            self.events.subscribe(runner.name, driver.udev_matches(), paths)
         self._apply(runner, self._checked(runner.name, snapshot))
 
-    def _checked(self, driver: str, snapshot: Mapping[str, Sequence[Device]]) -> dict[str, dict[str, Device]]:
+    def _checked(self, driver: str, snapshot: Snapshot) -> dict[str, dict[str, Device]]:
         """Drops what the kubelet would refuse, saying which device of which resource and why."""
         result: dict[str, dict[str, Device]] = {}
         for resource, devices in snapshot.items():
@@ -257,7 +316,7 @@ class Inventory:
             checked: dict[str, Device] = {}
             for device in devices:
                 if not device.id or len(device.id) > MAX_DEVICE_ID_LENGTH:
-                    log.error("driver %s: %s: device ID %r must be 1 to 63 characters; ignored", driver, resource, device.id)
+                    log.error("driver %s: %s: device ID %r must be 1 to 63 characters; ignored", driver, resource, device.id[:80])
                 elif device.id in checked:
                     log.error("driver %s: %s: device ID %r reported twice; keeping the first", driver, resource, device.id)
                 else:
@@ -272,23 +331,43 @@ class Inventory:
             new[resource] = {}
         runner.devices = new
         for resource, devices in new.items():
-            changes = _diff(runner.name, resource, old.get(resource), devices)
-            if changes or resource not in old:
+            before = old.get(resource)
+            changes = _diff(runner.name, resource, before, devices)
+            if before is None:
+                _log_first(resource, devices)
+            elif changes:
                 _log_changes(resource, changes)
-                for listener in self._listeners:
-                    listener(resource, devices, changes)
+            for listener in list(self._listeners):
+                listener(resource, devices, changes)
 
 
 def _diff(driver: str, resource: str, old: Mapping[str, Device] | None, new: Mapping[str, Device]) -> list[Change]:
     old = old or {}
+    if old == new:
+        return []
     changes = [Change(driver, resource, old.get(i), new.get(i)) for i in old.keys() | new.keys() if old.get(i) != new.get(i)]
-    changes.sort(key=lambda c: natural_key((c.after or c.before).id))  # type: ignore[union-attr]
+    changes.sort(key=lambda c: natural_key(_changed_id(c)))
     return changes
+
+
+def _changed_id(change: Change) -> str:
+    device = change.after or change.before
+    assert device is not None
+    return device.id
 
 
 def natural_key(text: str) -> list[int | str]:
     """Sorts kvm2 before kvm10, as people count."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def _log_first(resource: str, devices: Mapping[str, Device]) -> None:
+    """A resource's first list: one summary line, plus a line per kind of Unhealthy, so a
+    start with 1,000 devices logs a few lines, not 1,000."""
+    unhealthy = [d for d in devices.values() if not d.healthy]
+    log.info("%s: %d device(s), %d Healthy", resource, len(devices), len(devices) - len(unhealthy))
+    changes = [Change("", resource, None, d) for d in sorted(unhealthy, key=lambda d: natural_key(d.id))]
+    _log_changes(resource, changes)
 
 
 def _log_changes(resource: str, changes: Sequence[Change]) -> None:
@@ -304,7 +383,8 @@ def describe(resource: str, changes: Sequence[Change]) -> list[tuple[int, str]]:
     groups: dict[tuple[str, str], list[str]] = defaultdict(list)
     for change in changes:
         if change.after is None:
-            groups[("removed", "")].append(change.before.id)  # type: ignore[union-attr]
+            assert change.before is not None
+            groups[("removed", "")].append(change.before.id)
         else:
             verb = "added" if change.before is None else "now"
             groups[(f"{verb} {change.after.health.value}", change.after.reason)].append(change.after.id)
