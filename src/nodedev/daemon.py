@@ -1,8 +1,14 @@
 """`nodedev serve`: the inventory's resources served to the kubelet, and kept served.
 
-Serve first, then register; when the kubelet restarts (our sockets wiped, a new
-kubelet.sock), serve again and re-register. Everything runs on one asyncio loop;
-drivers' blocking work runs in threads through the inventory.
+The daemon's life has explicit phases. Prepare: take the plugin directory (one
+daemon per directory) and the metrics port; any failure is one line and exit 1.
+Start: drivers start and scan, each resource is served, then registered. Run:
+kubelet restarts (our sockets wiped, a new kubelet.sock) are served again and
+re-registered; SIGHUP reloads the config. Stop: always runs, ends the streams,
+removes the sockets, and is bounded in time whatever is in flight.
+
+Everything runs on one asyncio loop; drivers' blocking work runs in threads
+through the inventory.
 """
 
 from __future__ import annotations
@@ -12,22 +18,26 @@ import logging
 import signal
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import replace
+from typing import Any
 
 from nodedev import metrics
 from nodedev.config import Config, ConfigError
 from nodedev.driver import Device
+from nodedev.hotplug import PathWatcher
 from nodedev.inventory import Change, Inventory
+from nodedev.plugindir import PluginDirError, PluginDirLock
 from nodedev.registration import KUBELET_SOCKET, Registrar
-from nodedev.restarts import PluginDirWatch
 from nodedev.server import ResourceServer, ServeError
 
 log = logging.getLogger("nodedev.daemon")
 
 BACKSTOP_INTERVAL_S = 120.0
 """How often sockets and kubelet.sock are checked by hand, in case an inotify event was lost."""
+STOP_TIMEOUT_S = 1.5
+"""The most the stop phase may take; SIGTERM must end the process within 2 s."""
 
 EXIT_OK = 0
-EXIT_NOTHING_TO_SERVE = 1
+EXIT_ENVIRONMENT = 1
 
 
 class Daemon:
@@ -35,13 +45,14 @@ class Daemon:
         """`reload` re-reads the config for SIGHUP (the CLI's loader, with any --simulate keys)."""
         self.config = config
         self._reload_config = reload
-        self.inventory = Inventory(config)
+        self.paths = PathWatcher()
+        self.inventory = Inventory(config, paths=self.paths)
         self.registrar = Registrar(config.plugin_dir)
         self.servers: dict[str, ResourceServer] = {}
         self._serving = False
         self._recovering = asyncio.Lock()
         self._stop = asyncio.Event()
-        self._background: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[Any]] = set()
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -49,36 +60,77 @@ class Daemon:
             loop.add_signal_handler(sig, self._request_stop, sig)
         if self._reload_config is not None:
             loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self._reload()))
+        try:
+            lock = PluginDirLock.acquire(self.config.plugin_dir)
+            if self.config.metrics_address:
+                metrics.serve(self.config.metrics_address)
+                log.info("metrics on http://%s/metrics", self.config.metrics_address)
+        except (PluginDirError, metrics.MetricsError) as err:
+            log.error("%s", err)
+            return EXIT_ENVIRONMENT
+        try:
+            return await self._run()
+        finally:
+            lock.release()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
 
-        if self.config.metrics_address:
-            metrics.serve(self.config.metrics_address)
-            log.info("metrics on http://%s/metrics", self.config.metrics_address)
+    async def _run(self) -> int:
+        self.paths.start(asyncio.get_running_loop())
+        try:
+            startup = asyncio.create_task(self._start())
+            stopping = asyncio.create_task(self._stop.wait())
+            await asyncio.wait([startup, stopping], return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if not startup.done():
+                startup.cancel()
+                log.info("stopped during startup")
+            elif (failed := startup.result()) is not None:
+                log.error("%s", failed)
+                return EXIT_ENVIRONMENT
+            else:
+                self._spawn(self._backstop())
+                await self._stop.wait()
+            return EXIT_OK
+        finally:
+            await self._shutdown()
+
+    async def _start(self) -> str | None:
+        """Starts drivers, serves and registers every resource; the reason if nothing can be served."""
         self.inventory.add_listener(self._on_resource)
         await self.inventory.start()
         if not self.inventory.started:
-            log.error("no driver is serving (%s); nothing to do", _why_none(self))
-            await self.inventory.stop()
-            return EXIT_NOTHING_TO_SERVE
+            return f"no driver is serving ({_why_none(self)}); nothing to do"
+        self.paths.watch(self.config.plugin_dir, self._on_plugin_dir_change)
+        async with self._recovering:
+            self._serving = True  # from here on, a new resource is served as it appears
+            initial = list(self.servers.values())
+            for server in initial:
+                await self._start_server(server)
+        if initial and not any(server.serving for server in initial):
+            return f"none of the {len(initial)} resource(s) can be served in {self.config.plugin_dir}"
+        log.info("serving %d resource(s) in %s", sum(s.serving for s in self.servers.values()), self.config.plugin_dir)
+        return None
 
-        watch = PluginDirWatch(self.config.plugin_dir, self._on_plugin_dir_change)
-        watch.start(loop)
-        for server in self.servers.values():
-            await self._start_server(server)
-        self._serving = True
-        log.info("serving %d resource(s) in %s", len(self.servers), self.config.plugin_dir)
+    async def _shutdown(self) -> None:
+        """Always runs; bounded, so SIGTERM ends the process within 2 s whatever is in flight."""
+        try:
+            await asyncio.wait_for(self._stop_everything(), STOP_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("stopping took longer than %.1f s; exiting anyway", STOP_TIMEOUT_S)
+        log.info("stopped")
 
-        backstop = asyncio.create_task(self._backstop(watch))
-        await self._stop.wait()
-
-        backstop.cancel()
-        watch.close()
+    async def _stop_everything(self) -> None:
+        tasks = list(self._background)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.registrar.close()
         await asyncio.gather(*(server.stop() for server in self.servers.values()))
+        self.paths.close()
         await self.inventory.stop()
-        log.info("stopped")
-        return EXIT_OK
 
-    def _spawn(self, work: Coroutine[None, None, None]) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Runs work in the background, holding the task so it cannot be collected mid-way."""
         task = asyncio.get_running_loop().create_task(work)
         self._background.add(task)
@@ -88,51 +140,76 @@ class Daemon:
         log.info("%s received, stopping", sig.name)
         self._stop.set()
 
+    # --- reload ----------------------------------------------------------------
+
     async def _reload(self) -> None:
-        """SIGHUP: applies a changed driver set without a restart; a bad file changes nothing."""
+        """SIGHUP: applies a changed driver set without a restart; a bad file changes nothing.
+
+        A changed driver is restarted behind the same sockets: its resources stay
+        served, get the new list, and are registered again (their options may have
+        changed). Resources no driver serves any more are stopped for good.
+        """
         assert self._reload_config is not None
         try:
             new = await asyncio.to_thread(self._reload_config)
         except ConfigError as err:
             log.error("config reload refused, still running the previous config: %s", err)
             return
-        for key in ("plugin_dir", "sysfs_root", "dev_root", "hotplug", "metrics_address"):
+        for key in ("plugin_dir", "sysfs_root", "dev_root", "proc_root", "hotplug", "metrics_address"):
             if getattr(new, key) != getattr(self.config, key):
                 log.warning("config reload: %s changed; that takes effect at the next start", key)
         async with self._recovering:
-            dropped = await self.inventory.reconfigure(replace(self.config, drivers=new.drivers))
+            if self._stop.is_set():
+                return
+            dropped, restarted = await self.inventory.reconfigure(replace(self.config, drivers=new.drivers))
             for resource in dropped:
-                server = self.servers.pop(resource, None)
-                if server is not None:
-                    await server.stop()
-                    log.info("%s: no longer served", resource)
+                await self._drop(resource)
+            for resource in restarted:
+                server = self.servers.get(resource)
+                if server is not None and server.serving:
+                    self.registrar.register(server, force=True)
         self.config = self.inventory.config
         log.info("config reloaded from %s", self.config.path)
 
+    async def _drop(self, resource: str) -> None:
+        server = self.servers.pop(resource, None)
+        self.registrar.forget(resource)
+        metrics.forget_resource(resource)
+        if server is not None:
+            await server.stop()
+            log.info("%s: no longer served", resource)
+
+    # --- resources as the inventory reports them ---------------------------------
+
     def _on_resource(self, resource: str, devices: Mapping[str, Device], changes: Sequence[Change]) -> None:
+        runner = self.inventory.owner(resource)
+        if runner is None or runner.driver is None:
+            return
         server = self.servers.get(resource)
         if server is None:
-            runner, _ = self.inventory.resources()[resource]
-            assert runner.driver is not None
             server = self.servers[resource] = ResourceServer(resource, runner.driver, self.config.plugin_dir)
             server.update(devices)
             if self._serving:  # a resource that appeared after start, e.g. a new MIG profile
                 self._spawn(self._serve_new(server))
             return
-        server.update(devices)
+        server.driver = runner.driver
+        server.update(devices, changed=bool(changes))
 
     async def _serve_new(self, server: ResourceServer) -> None:
         async with self._recovering:
-            await self._start_server(server)
+            if self.servers.get(server.resource) is server and not server.serving and not self._stop.is_set():
+                await self._start_server(server)
 
     async def _start_server(self, server: ResourceServer) -> None:
-        """Serves and registers one resource; one that cannot be served leaves the others be."""
+        """Serves, then registers, one resource; one that cannot be served leaves the others be."""
         try:
             await server.start()
         except ServeError as err:
             log.error("%s", err)
             return
         self.registrar.register(server)
+
+    # --- kubelet restarts ------------------------------------------------------
 
     def _on_plugin_dir_change(self, names: set[str]) -> None:
         ours = {server.endpoint for server in self.servers.values()}
@@ -145,19 +222,24 @@ class Daemon:
         async with self._recovering:
             if self._stop.is_set():
                 return
-            lost = [s for s in self.servers.values() if s.serving and not s.socket_present()]
+            lost = [s for s in self.servers.values() if not s.socket_present()]
             if lost:
                 log.info("socket(s) of %d resource(s) removed (kubelet restart?); serving again", len(lost))
             for server in lost:
-                await server.stop()
+                await server.stop()  # ends streams of the wiped socket; a no-op if it never served
                 await self._start_server(server)
             if check_kubelet:
-                self.registrar.kubelet_appeared(self.servers.values())
+                self.registrar.kubelet_appeared([s for s in self.servers.values() if s.serving])
 
-    async def _backstop(self, watch: PluginDirWatch) -> None:
+    async def _backstop(self) -> None:
         while True:
             await asyncio.sleep(BACKSTOP_INTERVAL_S)
-            watch.check()
+            self.backstop_check()
+
+    def backstop_check(self) -> None:
+        """Re-arms a lost watch and checks every socket and kubelet.sock by hand."""
+        self.paths.check()
+        self._spawn(self._recover(check_kubelet=True))
 
 
 def _why_none(daemon: Daemon) -> str:

@@ -43,7 +43,29 @@ DRIVER_UP = Gauge(
 )
 
 
+class MetricsError(Exception):
+    """The metrics endpoint cannot listen; one line naming the address and why."""
+
+
 def serve(address: str) -> None:
     """Starts the /metrics endpoint on `host:port` (an empty host means every address)."""
     host, _, port = address.rpartition(":")
-    start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0", registry=REGISTRY)
+    try:
+        start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0", registry=REGISTRY)
+    except OSError as err:  # socket.gaierror included: a host that does not resolve
+        why = err.strerror or str(err)
+        raise MetricsError(f"metricsAddress {address}: cannot listen: {why}") from None
+
+
+def forget_resource(resource: str) -> None:
+    """Drops a resource that is no longer served from every series that names it."""
+    for metric, labels in (
+        (DEVICES, [(resource, "Healthy"), (resource, "Unhealthy")]),
+        (ALLOCATIONS, [(resource, r) for r in ("ok", "refused", "failed")]),
+        (REGISTRATIONS, [(resource,)]),
+    ):
+        for values in labels:
+            try:
+                metric.remove(*values)
+            except KeyError:
+                pass
