@@ -1,118 +1,206 @@
-"""The `nodedev` command: serve, discover, watch."""
+"""The `nodedev` command: serve, discover, watch.
+
+Only argparse, logging and the version are imported up front, so `--version`
+and `--help` answer at once; each command imports what it uses when it runs
+(the config's pydantic and YAML for every command, gRPC only for `serve` and
+`watch --connect`, the hotplug engine only for `serve` and `watch`).
+
+Exit codes: 0 done, 1 an environment problem (the daemon's own verdict, a
+driver that would not start in `discover`, or an unexpected error, shown as
+one line), 2 a config or `--simulate` problem, shown as one line naming the
+file and key.
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
+import contextlib
 import logging
 import re
 import sys
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from nodedev import __version__, config, logs
-from nodedev.driver import Device
-from nodedev.inventory import Inventory, natural_key
+from nodedev import __version__, logs
 
+if TYPE_CHECKING:
+    from nodedev.config import Config
+    from nodedev.driver import Device
+    from nodedev.inventory import Inventory
+
+EXIT_OK = 0
+EXIT_ERROR = 1
 EXIT_CONFIG = 2
+DEFAULT_CONFIG = Path("/etc/nodedev/config.yaml")
+"""Same as config.DEFAULT_PATH (a test checks), kept here so `--help` does not load pydantic."""
 
 log = logging.getLogger("nodedev")
 
+Reload = Callable[[], "Config"]
+Command = Callable[["Config", argparse.Namespace, Reload], Coroutine[Any, Any, int]]
+
+
+class _Refused(Exception):
+    """A problem already worded for one line of stderr, and the exit code it ends in."""
+
+    def __init__(self, line: str, code: int) -> None:
+        super().__init__(line)
+        self.line = line
+        self.code = code
+
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one command and returns its exit code; whatever goes wrong ends as one line on stderr."""
     args = _parser().parse_args(argv)
     logs.setup(args.log_level, args.log_format)
-    with tempfile.TemporaryDirectory(prefix="nodedev-sim-") as workdir:
-        try:
-            cfg, args.reload = _config(args, Path(workdir))
-        except config.ConfigError as err:
-            print(f"nodedev: config error: {err}", file=sys.stderr)
-            return EXIT_CONFIG
-        except (ValueError, FileNotFoundError) as err:  # a fixture that is not there or does not parse
-            print(f"nodedev: --simulate: {err}", file=sys.stderr)
-            return EXIT_CONFIG
-        return _run(args, cfg)
-
-
-def _config(args: argparse.Namespace, workdir: Path) -> tuple[config.Config, Callable[[], config.Config]]:
-    """The config, and how to read it again: the file, with --simulate's keys merged over it."""
-    overrides: dict[str, object] = {}
-    path = args.config or (None if args.simulate else config.DEFAULT_PATH)
-    if args.simulate:
-        from nodedev import simulate
-
-        node = simulate.prepare(simulate.resolve_fixture(args.simulate), workdir)
-        log.info("simulating %s: %d GPU(s) from %s", args.simulate, len(node.gpus), node.fixture)
-        overrides = node.config_overrides()
-    reload = lambda: config.load(path, overrides)  # noqa: E731
-    return reload(), reload
-
-
-def _run(args: argparse.Namespace, cfg: config.Config) -> int:
     try:
-        return asyncio.run(args.command(cfg, args))
-    except KeyboardInterrupt:
-        return 0
+        with _simulate_workdir(args.simulate) as workdir:
+            cfg, reload = _config(args, workdir)
+            return _run(args, cfg, reload)
+    except _Refused as err:
+        print(err.line, file=sys.stderr)
+        return err.code
+    except KeyboardInterrupt:  # Ctrl-C before a command installed its own handling
+        return EXIT_OK
+    except Exception as err:  # the last guard: one line, never a traceback (that goes to the debug log)
+        log.debug("unexpected error", exc_info=True)
+        print(f"nodedev: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+@contextlib.contextmanager
+def _simulate_workdir(fixture: str | None) -> Iterator[Path | None]:
+    """A temporary directory for --simulate's trees, removed at exit; nothing is made without it."""
+    if fixture is None:
+        yield None
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="nodedev-sim-") as workdir:
+        yield Path(workdir)
+
+
+def _config(args: argparse.Namespace, workdir: Path | None) -> tuple[Config, Reload]:
+    """The config, and how to read it again: the file, with --simulate's keys merged over it."""
+    from nodedev import config
+
+    overrides = _simulate(args.simulate, workdir)
+    path = args.config or (None if args.simulate else config.DEFAULT_PATH)
+
+    def reload() -> Config:
+        return config.load(path, overrides)
+
+    try:
+        return reload(), reload
+    except config.ConfigError as err:
+        raise _Refused(f"nodedev: config error: {err}", EXIT_CONFIG) from None
+
+
+def _simulate(fixture: str | None, workdir: Path | None) -> dict[str, Any]:
+    """The config keys --simulate sets over the file, after building the simulated node."""
+    if fixture is None or workdir is None:
+        return {}
+    from nodedev import simulate
+
+    try:
+        overrides = simulate.prepare(fixture, workdir)
+    except simulate.SimulateError as err:
+        raise _Refused(f"nodedev: --simulate: {err}", EXIT_CONFIG) from None
+    log.info("simulating %s", fixture)
+    return overrides
+
+
+def _run(args: argparse.Namespace, cfg: Config, reload: Reload) -> int:
+    """Runs the command on its own loop; its return value is the exit code, passed through."""
+    import asyncio
+
+    command: Command = _COMMANDS[args.command]
+    try:
+        return asyncio.run(command(cfg, args, reload))
     except BrokenPipeError:  # `nodedev discover | head`
         sys.stderr.close()
-        return 0
+        return EXIT_OK
 
 
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", type=Path, metavar="PATH", help=f"node config file (default: {config.DEFAULT_PATH})")
-    common.add_argument(
-        "--simulate",
-        metavar="FIXTURE",
-        help="run on a simulated node: a fake NVML from FIXTURE (gpu-1, dgx-8, mig, or a path), with matching sysfs and /dev trees",
-    )
-    common.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    common.add_argument("--log-format", default="text", choices=["text", "json"])
-
     parser = argparse.ArgumentParser(prog="nodedev", description="Serve a node's special devices to the kubelet.")
     parser.add_argument("--version", action="version", version=f"nodedev {__version__}")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    serve = sub.add_parser("serve", parents=[common], help="run the daemon: serve every enabled driver's resources")
-    serve.set_defaults(command=_serve)
+    serve = sub.add_parser("serve", help="run the daemon: serve every enabled driver's resources")
+    _add_common(serve, log_level="info")
+    serve.set_defaults(command="serve")
 
-    discover = sub.add_parser("discover", parents=[common], help="show what each enabled driver finds, and exit")
+    discover = sub.add_parser("discover", help="show what each enabled driver finds, and exit")
+    _add_common(discover, log_level="warning")
     discover.add_argument("--json", action="store_true", help="machine-readable output")
-    discover.set_defaults(log_level="warning")
-    discover.set_defaults(command=_discover)
+    discover.set_defaults(command="discover")
 
-    watch = sub.add_parser("watch", parents=[common], help="print every device and health change as it happens")
-    watch.add_argument("--connect", action="store_true", help="follow a running daemon's sockets in pluginDir instead of running the drivers here")
-    watch.set_defaults(command=_watch, log_level="warning")
+    watch = sub.add_parser("watch", help="print every device and health change as it happens")
+    _add_common(watch, log_level="warning")
+    watch.add_argument(
+        "--connect", action="store_true", help="follow a running daemon's sockets in pluginDir instead of running the drivers here"
+    )
+    watch.set_defaults(command="watch")
     return parser
 
 
-async def _serve(cfg: config.Config, args: argparse.Namespace) -> int:
-    from nodedev.daemon import Daemon  # gRPC is loaded only by the commands that use it
+def _add_common(parser: argparse.ArgumentParser, log_level: str) -> None:
+    """The options every command takes, added to each subparser on its own.
 
-    return await Daemon(cfg, reload=args.reload).run()
+    Not an argparse parent parser: parents share their Action objects, so one
+    subparser's set_defaults(log_level=...) would change every command's default.
+    """
+    parser.add_argument("--config", type=Path, metavar="PATH", help=f"node config file (default: {DEFAULT_CONFIG})")
+    parser.add_argument(
+        "--simulate",
+        metavar="FIXTURE",
+        help="run on a simulated node: one a driver ships, by name, or a fixture file a driver reads",
+    )
+    parser.add_argument(
+        "--log-level", default=log_level, choices=["debug", "info", "warning", "error"], help=f"(default: {log_level})"
+    )
+    parser.add_argument("--log-format", default="text", choices=["text", "json"])
 
 
-async def _watch(cfg: config.Config, args: argparse.Namespace) -> int:
+async def _serve(cfg: Config, args: argparse.Namespace, reload: Reload) -> int:
+    from nodedev.daemon import Daemon
+
+    return await Daemon(cfg, reload=reload).run()
+
+
+async def _watch(cfg: Config, args: argparse.Namespace, reload: Reload) -> int:
     from nodedev import watch
 
     return await (watch.watch_daemon(cfg.plugin_dir) if args.connect else watch.watch_in_process(cfg))
 
 
-async def _discover(cfg: config.Config, args: argparse.Namespace) -> int:
+async def _discover(cfg: Config, args: argparse.Namespace, reload: Reload) -> int:
+    """Prints what every enabled driver finds; exit 1 if any of them could not start."""
+    from nodedev.inventory import Inventory
+
     inventory = Inventory(cfg)
     await inventory.start(hotplug=False)
     try:
         rows = _rows(inventory)
         if args.json:
+            import json
+
             print(json.dumps(rows, indent=2))
         else:
             print(_table(rows))
     finally:
         await inventory.stop()
-    return 0
+    return EXIT_ERROR if any(runner.driver is None for runner in inventory.runners.values()) else EXIT_OK
+
+
+_COMMANDS: dict[str, Command] = {"serve": _serve, "discover": _discover, "watch": _watch}
 
 
 def _rows(inventory: Inventory) -> list[dict[str, object]]:
@@ -140,14 +228,16 @@ def _table(rows: list[dict[str, object]]) -> str:
         if not devices:
             lines.append((str(row["driver"]), str(row["resource"]), "(none)", "-", "-", ""))
         for ids, dev in _runs(devices):
-            numa = ",".join(map(str, dev["numa"])) or "-"  # type: ignore[arg-type]
+            numa = ",".join(map(str, dev["numa"])) or "-"  # type: ignore[call-overload]
             lines.append((str(row["driver"]), str(row["resource"]), ids, str(dev["health"]), numa, str(dev["reason"])))
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]) - 1)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) + "  " + line[-1] for line in lines)
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line[:-1], widths, strict=True)) + "  " + line[-1] for line in lines)
 
 
 def _runs(devices: list[dict[str, object]]) -> list[tuple[str, dict[str, object]]]:
     """Folds consecutive devices that differ only in a numbered ID (kvm0..kvm999) into one row."""
+    from nodedev.inventory import natural_key
+
     out: list[tuple[str, dict[str, object]]] = []
     run: list[dict[str, object]] = []
 
@@ -167,7 +257,8 @@ def _runs(devices: list[dict[str, object]]) -> list[tuple[str, dict[str, object]
 
 
 def _same_but_id(a: dict[str, object], b: dict[str, object]) -> bool:
-    stem = lambda d: re.sub(r"\d+$", "", str(d["id"]))  # noqa: E731
-    return stem(a) == stem(b) and all(a[k] == b[k] for k in ("health", "reason", "numa"))
+    return _stem(a) == _stem(b) and all(a[k] == b[k] for k in ("health", "reason", "numa"))
 
 
+def _stem(device: dict[str, object]) -> str:
+    return re.sub(r"\d+$", "", str(device["id"]))
