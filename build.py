@@ -1,5 +1,5 @@
 """Install-time build steps: gRPC modules from proto/, the cffi ioctl shim from native/,
-and the fake NVML library (native/fake_nvml/) that `nodedev.simulate` loads.
+and the fake NVML library (native/fake_nvml/) that `nodedev.drivers.nvidia.simulate` loads.
 
 setuptools runs these through the cmdclass hooks named in pyproject.toml, so a plain
 `pip install .` needs nothing but a compiler and the Python and kernel headers.
@@ -27,8 +27,8 @@ NATIVE_DIR = ROOT / "native"
 PROTO_PACKAGE = "nodedev/api"
 NATIVE_MODULE = "nodedev._native"
 FAKE_NVML_SOURCE = NATIVE_DIR / "fake_nvml" / "fake_nvml.c"
-# Where the fake lives inside the package; nodedev.simulate.fake_library_path() agrees.
-FAKE_NVML_RELPATH = Path("nodedev") / "sim" / "libnvidia-ml.so.1"
+# Where the fake lives inside the package; nodedev.drivers.nvidia.simulate.fake_library_path() agrees.
+FAKE_NVML_RELPATH = Path("nodedev") / "drivers" / "nvidia" / "fake" / "libnvidia-ml.so.1"
 
 # Request numbers and constants resolved by the C compiler from linux/kvm.h and
 # linux/vfio.h: nothing here is computed by hand.

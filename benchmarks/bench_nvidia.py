@@ -5,7 +5,9 @@ the driver calls the host makes on its event loop, without gRPC:
 - preferred_allocation() over 2000 calls of mixed sizes (1..8), random available
   subsets and must-include IDs, full GPUs (the topology search);
 - preferred_allocation() on 8 GPUs x 10 time-sliced replicas (the spread policy);
-- allocate() on 8 GPUs x 10 replicas, requests of 1..4 replica IDs;
+- one container's answer on 8 GPUs x 10 replicas, requests of 1..4 replica IDs:
+  allocate() plus joining the devices' scan-time edits, which is what the host does
+  (ContainerEdits.merge), with and without passDeviceSpecs;
 - start() (NVML init, discovery, topology read, event thread) and one scan().
 
 On a busy 2-core machine the tails (p99, max) move with whatever else runs;
@@ -26,18 +28,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from nodedev import simulate  # noqa: E402
-from nodedev.driver import HostContext  # noqa: E402
-from nodedev.drivers.nvidia import NvidiaDriver, NvidiaOptions  # noqa: E402
+from nodedev.driver import ContainerEdits, Device, HostContext
+from nodedev.drivers.nvidia import NvidiaDriver, NvidiaOptions, simulate
 
 CALLS = 2000
 GPU = "nvidia.com/gpu"
 
 
 def driver_on(node: simulate.SimulatedNode, **section: object) -> NvidiaDriver:
-    host = HostContext(node.sysfs_root, node.dev_root, threading.Event().set, logging.getLogger("bench"))
-    options = NvidiaOptions.model_validate({"enabled": True, "procRoot": str(node.proc_root), **section})
+    host = HostContext(node.sysfs_root, node.dev_root, node.proc_root, threading.Event().set, logging.getLogger("bench"))
+    options = NvidiaOptions.model_validate({"enabled": True, **section})
     return NvidiaDriver(options, host)
+
+
+def answer(driver: NvidiaDriver, resource: str, devices: list[Device]) -> ContainerEdits:
+    """One container's Allocate answer, assembled as the host assembles it."""
+    return ContainerEdits.merge((d.edits for d in devices), driver.allocate(resource, devices))
 
 
 def timed(calls: list[Callable[[], object]]) -> list[float]:
@@ -88,20 +94,34 @@ def calls_rows(node: simulate.SimulatedNode) -> list[str]:
     rows.append(row("preferred_allocation, all 8 free, sizes 2-5", timed(full)))
     driver.stop()
 
-    shared = driver_on(node, sharing={"timeSlicing": {"resources": [{"name": GPU, "replicas": 10}]}})
+    sliced = {"timeSlicing": {"resources": [{"name": GPU, "replicas": 10}]}}
+    shared = driver_on(node, sharing=sliced)
     shared.start()
-    replicas = [d.id for d in shared.scan()[GPU]]
+    devices = list(shared.scan()[GPU])
+    replicas = [d.id for d in devices]
     spread = []
     for _ in range(CALLS):
         free = rng.sample(replicas, rng.randint(8, 80))
         size = min(len(free), rng.randint(1, 8))  # drawn here, not inside the timed call
         spread.append(lambda f=free, s=size: shared.preferred_allocation(GPU, f, [], s))
     rows.append(row("preferred_allocation, 8 x 10 replicas", timed(spread)))
-    allocs = [lambda r=rng.sample(replicas, rng.randint(1, 4)): shared.allocate(GPU, r) for _ in range(CALLS)]
-    timed(allocs[:100])
-    rows.append(row("allocate, 8 x 10 replicas, 1-4 IDs", timed(allocs)))
+    rows.append(row("allocate + merge, 8 x 10 replicas, 1-4 IDs", timed(allocations(shared, devices, rng))))
     shared.stop()
+
+    specs = driver_on(node, sharing=sliced, flags={"plugin": {"passDeviceSpecs": True}})
+    specs.start()
+    devices = list(specs.scan()[GPU])
+    rows.append(row("allocate + merge, passDeviceSpecs, 1-4 IDs", timed(allocations(specs, devices, rng))))
+    specs.stop()
     return rows
+
+
+def allocations(driver: NvidiaDriver, devices: list[Device], rng: random.Random) -> list[Callable[[], object]]:
+    """CALLS requests drawn up front (no RNG in the timed call), after a warm-up of 100."""
+    requests = [rng.sample(devices, rng.randint(1, 4)) for _ in range(CALLS)]
+    calls: list[Callable[[], object]] = [lambda r=r: answer(driver, GPU, r) for r in requests]
+    timed(calls[:100])
+    return calls
 
 
 if __name__ == "__main__":

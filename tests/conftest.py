@@ -81,8 +81,8 @@ def nodedev_command(*args: str) -> list[str]:
 @pytest.fixture
 def fake_nvml(monkeypatch: pytest.MonkeyPatch) -> Path:
     """The fake libnvidia-ml.so.1 (built by pip install or `python build.py`), and an
-    environment where simulate.prepare's variables are undone after the test."""
-    from nodedev import simulate
+    environment where the NVIDIA simulation's variables are undone after the test."""
+    from nodedev.drivers.nvidia import simulate
 
     library = simulate.fake_library_path()
     if not library.is_file():

@@ -1,4 +1,5 @@
-"""The fake libnvidia-ml.so.1, exercised through the real pynvml bindings, and simulate.prepare."""
+"""The fake libnvidia-ml.so.1, exercised through the real pynvml bindings, and the NVIDIA
+simulation that builds the trees around it (nodedev.drivers.nvidia.simulate)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import pynvml
 import pytest
 
-from nodedev import simulate
+from nodedev.drivers.nvidia import NvidiaDriver, simulate
 
 XID_CRITICAL = pynvml.nvmlEventTypeXidCriticalError
 NO_INSTANCE = 0xFFFFFFFF
@@ -397,10 +398,33 @@ def test_bad_control_line_is_reported_and_skipped(gpu1: Session, capfd: pytest.C
 def test_resolve_fixture_names_and_paths(tmp_path: Path) -> None:
     assert simulate.resolve_fixture("dgx-8") == simulate.FIXTURES_DIR / "dgx-8.conf"
     own = tmp_path / "own.conf"
-    own.write_text("")
+    own.write_text("# my node\n\ngpu 0\n  uuid GPU-1\n")
     assert simulate.resolve_fixture(str(own)) == own
     with pytest.raises(simulate.FixtureError, match=r"dgx-8, gpu-1, mig"):
         simulate.resolve_fixture("dgx-9")
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "netdev eth0\n", "\x00\xff\xfe"])
+def test_files_that_are_not_nvml_fixtures_are_left_to_other_drivers(tmp_path: Path, text: str) -> None:
+    other = tmp_path / "other.conf"
+    other.write_bytes(text.encode("latin-1"))
+    assert simulate.find_fixture(str(other)) is None
+    assert NvidiaDriver.simulate(str(other), tmp_path / "work") is None
+    assert not (tmp_path / "work").exists()  # nothing built, nothing loaded
+
+
+def test_the_driver_lists_and_builds_its_simulations(tmp_path: Path) -> None:
+    assert list(NvidiaDriver.simulations()) == ["dgx-8", "gpu-1", "mig"]
+    section = NvidiaDriver.simulate("gpu-1", tmp_path)
+    assert section == {
+        "enabled": True,
+        "sysfsRoot": str(tmp_path / "sys"),
+        "devRoot": str(tmp_path / "dev"),
+        "procRoot": str(tmp_path / "proc"),
+        "cdiRoot": str(tmp_path / "cdi"),
+    }
+    assert (tmp_path / "dev" / "nvidia0").exists()
+    assert os.environ[simulate.ENV_FIXTURE] == str(simulate.FIXTURES_DIR / "gpu-1.conf")
 
 
 def test_prepare_builds_sysfs_and_dev_trees(tmp_path: Path) -> None:

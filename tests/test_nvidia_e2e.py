@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from nodedev import simulate
 from nodedev.api import deviceplugin_pb2 as pb
+from nodedev.drivers.nvidia import simulate
 from tests.kubelet import KubeletDouble
 
 GPU = "nvidia.com/gpu"
@@ -18,13 +18,10 @@ pytestmark = pytest.mark.usefixtures("fake_nvml")
 
 def serve(nodedev, node: simulate.SimulatedNode, **section: object):
     config = {
-        "sysfsRoot": str(node.sysfs_root),
-        "devRoot": str(node.dev_root),
         "hotplug": {"resyncSeconds": 0},
         "drivers": {
             "nvidia": {
-                "enabled": True,
-                "procRoot": str(node.proc_root),
+                **node.config_section(),
                 "health": {"quietPeriodSeconds": 1, "probeIntervalSeconds": 0.2},
                 **section,
             }
@@ -59,13 +56,43 @@ def test_kubelet_sees_gpus_allocates_and_follows_health(kubelet: KubeletDouble, 
         pb.AllocateRequest(container_requests=[pb.ContainerAllocateRequest(devices_ids=uuids[2:4])]), timeout=5
     )
     (container,) = response.container_responses
-    assert container.envs["NVIDIA_VISIBLE_DEVICES"] == ",".join(uuids[2:4])
-    assert [d.container_path for d in container.devices][-2:] == ["/dev/nvidia2", "/dev/nvidia3"]
-    assert container.devices[-1].host_path == str(node.dev_root / "nvidia3")
+    nodes = ["nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "nvidia-modeset", "nvidia2", "nvidia3"]
+    assert container == pb.ContainerAllocateResponse(
+        envs={"NVIDIA_VISIBLE_DEVICES": ",".join(uuids[2:4])},
+        devices=[pb.DeviceSpec(container_path=f"/dev/{n}", host_path=str(node.dev_root / n), permissions="rw") for n in nodes],
+    )
 
     node.inject("xid 6 79")
     kubelet.wait(lambda: kubelet.devices(GPU)[uuids[6]][0] == "Unhealthy", timeout=2, what="GPU 6 Unhealthy")
     kubelet.wait(lambda: kubelet.devices(GPU)[uuids[6]][0] == "Healthy", timeout=5, what="GPU 6 Healthy again")
+
+
+def test_replicas_volume_mounts_and_cdi_answer_as_nvidia_does(kubelet: KubeletDouble, nodedev, tmp_path: Path) -> None:
+    """Replicas of one GPU collapse to it once, in request order, in every list of the answer."""
+    node = simulate.prepare(simulate.resolve_fixture("dgx-8"), tmp_path / "node")
+    serve(
+        nodedev,
+        node,
+        flags={"plugin": {"passDeviceSpecs": True, "deviceListStrategy": ["volume-mounts", "cdi-cri"]}},
+        sharing={"timeSlicing": {"resources": [{"name": GPU, "replicas": 4}]}},
+    )
+    kubelet.wait(lambda: GPU in kubelet.streaming(), timeout=10, what="nvidia.com/gpu streaming")
+    gpu3, gpu0 = node.gpus[3], node.gpus[0]
+    ids = [f"{gpu3.uuid}::1", f"{gpu0.uuid}::0", f"{gpu3.uuid}::2"]
+
+    response = kubelet.stub(GPU).Allocate(
+        pb.AllocateRequest(container_requests=[pb.ContainerAllocateRequest(devices_ids=ids)]), timeout=5
+    )
+
+    nodes = ["nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "nvidia-modeset", "nvidia3", "nvidia0"]
+    assert response.container_responses[0] == pb.ContainerAllocateResponse(
+        envs={"NVIDIA_VISIBLE_DEVICES": "/var/run/nvidia-container-devices"},
+        mounts=[
+            pb.Mount(container_path=f"/var/run/nvidia-container-devices/{g.uuid}", host_path="/dev/null") for g in (gpu3, gpu0)
+        ],
+        devices=[pb.DeviceSpec(container_path=f"/dev/{n}", host_path=str(node.dev_root / n), permissions="rw") for n in nodes],
+        cdi_devices=[pb.CDIDevice(name=f"k8s.device-plugin.nvidia.com/gpu={g.uuid}") for g in (gpu3, gpu0)],
+    )
 
 
 def test_time_sliced_mig_resources_register_separately(kubelet: KubeletDouble, nodedev, tmp_path: Path) -> None:

@@ -1,28 +1,31 @@
 """The NVIDIA driver's pure logic: config, resource names and IDs, Allocate responses,
-the Xid policy and fault book, and preferred allocation. No NVML involved."""
+the Xid policy and fault book (preferred allocation is in test_nvidia_topology.py).
+No NVML involved."""
 
 from __future__ import annotations
 
-import itertools
+import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from pydantic import ValidationError
 
 from nodedev import config
-from nodedev.driver import AllocationError, DeviceNode, Mount
+from nodedev.driver import AllocationError, ContainerEdits, Device, DeviceNode, Mount
 from nodedev.drivers.nvidia.allocate import (
     CDI_KIND,
     AllocateSettings,
-    build_allocation,
+    cdi_name,
     cdi_spec,
+    device_edits,
+    request_edits,
     write_cdi_spec,
 )
 from nodedev.drivers.nvidia.discovery import GPU, MigDevice, mig_memory_gb, normalize_bus_id
-from nodedev.drivers.nvidia.health import HealthBook, XidPolicy
+from nodedev.drivers.nvidia.health import EventMonitor, HealthBook, XidPolicy
 from nodedev.drivers.nvidia.options import HealthOptions, NvidiaOptions
 from nodedev.drivers.nvidia.resources import ResourceError, Unit, build_units, declared_resources, physical_id
-from nodedev.drivers.nvidia.topology import best_set, spread_pick
 
 # ---------------------------------------------------------------- test data
 
@@ -141,6 +144,44 @@ def test_config_mistakes_name_the_key(section: dict[str, object], message: str) 
     assert message in str(err.value)
 
 
+SLICED = {"name": "nvidia.com/gpu", "replicas": 2}
+
+
+@pytest.mark.parametrize(
+    ("section", "where", "why"),
+    [
+        ({"sharing": {"mps": {"resources": [SLICED]}}}, "drivers.nvidia.sharing.mps", "MPS sharing is not supported"),
+        (
+            {"sharing": {"timeSlicing": {"resources": [{**SLICED, "rename": "nvidia.com/gpu-shared"}]}}},
+            "drivers.nvidia.sharing.timeSlicing.resources[0]: rename:",
+            "use renameByDefault",
+        ),
+        (
+            {"sharing": {"timeSlicing": {"resources": [{**SLICED, "devices": "all"}]}}},
+            "drivers.nvidia.sharing.timeSlicing.resources[0]: devices:",
+            "NVIDIA's plugin strips it",
+        ),
+        ({"resources": {"gpus": [{"pattern": "*A100*", "name": "a100"}]}}, "drivers.nvidia: resources:", "by pattern"),
+        ({"imex": {"channelIDs": [0]}}, "drivers.nvidia: imex:", "IMEX channels are not supported"),
+        (
+            {"flags": {"plugin": {"nvidiaCTKPath": "/usr/bin/nvidia-ctk"}}},
+            "drivers.nvidia.flags.plugin: nvidiaCTKPath:",
+            "nodedev writes its own CDI spec",
+        ),
+        (
+            {"flags": {"plugin": {"containerDriverRoot": "/driver-root"}}},
+            "drivers.nvidia.flags.plugin: containerDriverRoot:",
+            "nodedev writes its own CDI spec",
+        ),
+    ],
+)
+def test_nvidia_keys_nodedev_refuses_say_why(section: dict[str, object], where: str, why: str) -> None:
+    """README's "Refused, not ignored" list: each key fails the config, naming itself and the reason."""
+    with pytest.raises(config.ConfigError) as err:
+        parse(section)
+    assert where in str(err.value) and why in str(err.value)
+
+
 def test_device_list_strategy_takes_nvidias_comma_form() -> None:
     opts = flags(plugin={"deviceListStrategy": "envvar, volume-mounts"})
     assert opts.flags.plugin.device_list_strategies == ("envvar", "volume-mounts")
@@ -256,16 +297,19 @@ def mig_unit() -> Unit:
     return Unit(id="MIG-1-0", gpu=GPUS[1], mig=GPUS[1].migs[0])
 
 
-def allocate(units: list[Unit], s: AllocateSettings, *, replicated: bool = False, control: tuple[str, ...] = ()):
-    return build_allocation(
-        "nvidia.com/gpu", units, replicated=replicated, settings=s, dev_dir=Path("/dev"), control_nodes=control
-    )
+def allocate(
+    units: list[Unit], s: AllocateSettings, *, replicated: bool = False, control: tuple[str, ...] = ()
+) -> ContainerEdits:
+    """What the host does: each device's scan-time edits, joined, then the driver's request-wide part."""
+    devices = [Device(id=u.id, edits=device_edits(u, s, Path("/dev"), control)) for u in units]
+    names = {u.id: cdi_name(u, s) for u in units}
+    return ContainerEdits.merge((d.edits for d in devices), request_edits(devices, replicated=replicated, settings=s, cdi_names=names))
 
 
 def test_envvar_lists_each_gpu_once_replicas_collapsed() -> None:
     result = allocate([unit(0, 1), unit(0, 2), unit(1, 0)], settings(), replicated=True)
     assert result.envs == {"NVIDIA_VISIBLE_DEVICES": "GPU-00000000,GPU-00000001"}
-    assert result.devices == [] and result.mounts == [] and result.cdi_devices == []
+    assert result.devices == () and result.mounts == () and result.cdi_devices == ()
 
 
 def test_index_strategy_uses_nvidia_smi_indices() -> None:
@@ -276,18 +320,18 @@ def test_index_strategy_uses_nvidia_smi_indices() -> None:
 def test_volume_mounts_strategy() -> None:
     result = allocate([unit(0), unit(1)], settings(deviceListStrategy="volume-mounts"))
     assert result.envs == {"NVIDIA_VISIBLE_DEVICES": "/var/run/nvidia-container-devices"}
-    assert result.mounts == [
+    assert result.mounts == (
         Mount("/dev/null", "/var/run/nvidia-container-devices/GPU-00000000"),
         Mount("/dev/null", "/var/run/nvidia-container-devices/GPU-00000001"),
-    ]
+    )
 
 
 def test_cdi_annotations_and_cdi_cri_skip_env_when_only_cdi() -> None:
     result = allocate(
         [unit(0)], settings(deviceListStrategy=["cdi-annotations", "cdi-cri"], passDeviceSpecs=True), control=("nvidiactl",)
     )
-    assert result.envs == {} and result.devices == []
-    assert result.cdi_devices == [f"{CDI_KIND}=GPU-00000000"]
+    assert result.envs == {} and result.devices == () and result.mounts == ()
+    assert result.cdi_devices == (f"{CDI_KIND}=GPU-00000000",)
     ((key, value),) = result.annotations.items()
     assert key.startswith("cdi.k8s.io/nodedev-nvidia_")
     assert value == f"{CDI_KIND}=GPU-00000000"
@@ -324,13 +368,32 @@ def test_fail_requests_greater_than_one_refuses_two_shared_devices() -> None:
     assert allocate([unit(0), unit(1)], s).envs["NVIDIA_VISIBLE_DEVICES"] == "GPU-00000000,GPU-00000001"
 
 
-def test_gdrcopy_gds_mofed_flags_add_their_env() -> None:
-    s = AllocateSettings.from_options(options(flags={"gdsEnabled": True, "mofedEnabled": True}))
-    assert allocate([unit(0)], s).envs == {
-        "NVIDIA_GDS": "enabled",
-        "NVIDIA_MOFED": "enabled",
-        "NVIDIA_VISIBLE_DEVICES": "GPU-00000000",
-    }
+@pytest.mark.parametrize(
+    ("flag", "env"), [("gdrcopyEnabled", "NVIDIA_GDRCOPY"), ("gdsEnabled", "NVIDIA_GDS"), ("mofedEnabled", "NVIDIA_MOFED")]
+)
+def test_gdrcopy_gds_mofed_flags_each_add_their_env_and_only_theirs(flag: str, env: str) -> None:
+    others = {"NVIDIA_GDRCOPY", "NVIDIA_GDS", "NVIDIA_MOFED"} - {env}
+    on = allocate([unit(0), unit(1)], AllocateSettings.from_options(options(flags={flag: True}))).envs
+    assert on == {env: "enabled", "NVIDIA_VISIBLE_DEVICES": "GPU-00000000,GPU-00000001"}
+    assert not others & set(on)
+    off = allocate([unit(0)], settings()).envs
+    assert env not in off and off == {"NVIDIA_VISIBLE_DEVICES": "GPU-00000000"}
+
+
+def test_request_edits_add_only_what_depends_on_the_request() -> None:
+    """Everything a device needs is in its own edits; allocate() adds nothing for envvar."""
+    s = settings(passDeviceSpecs=True, deviceListStrategy="envvar,cdi-cri")
+    devices = [Device(id=u.id, edits=device_edits(u, s, Path("/dev"), ("nvidiactl",))) for u in (unit(0), mig_unit())]
+    assert request_edits(devices, replicated=False, settings=s, cdi_names={}) == ContainerEdits()
+    assert devices[1].edits.envs == {"NVIDIA_VISIBLE_DEVICES": "MIG-1-0"}
+    assert devices[1].edits.cdi_devices == (f"{CDI_KIND}=MIG-1-0",)
+
+
+def test_cdi_annotation_key_is_new_for_every_request() -> None:
+    s = settings(deviceListStrategy="cdi-annotations")
+    first, second = allocate([unit(0), unit(1)], s), allocate([unit(0), unit(1)], s)
+    assert first.annotations.keys() != second.annotations.keys()
+    assert list(first.annotations.values()) == [f"{CDI_KIND}=GPU-00000000,{CDI_KIND}=GPU-00000001"]
 
 
 def test_cdi_spec_names_every_device_by_uuid_and_index(tmp_path: Path) -> None:
@@ -386,103 +449,65 @@ def test_fault_book_attributes_mig_faults_and_measures_quiet() -> None:
     assert book.clear("GPU-A") and book.view().gpu_problem("GPU-A") is None
 
 
+class ProbedNVML(Exception):
+    """NVMLError of a fake NVML whose GPUs all answer the probe."""
+
+
+def monitor_on(book: HealthBook, clock: Clock, changes: list[str], **health: object) -> EventMonitor:
+    """An event monitor on a fake NVML that answers every probe, for stepping by hand."""
+    nvml = SimpleNamespace(NVMLError=ProbedNVML, nvmlDeviceGetMemoryInfo=lambda handle: None)
+    return EventMonitor(
+        nvml,
+        {"GPU-X": object()},
+        book,
+        XidPolicy.from_options(HealthOptions()),
+        HealthOptions.model_validate(health),
+        on_change=lambda: changes.append("rescan"),
+        log=logging.getLogger("test.nvidia"),
+        clock=clock,
+    )
+
+
 def test_monitor_down_makes_every_gpu_unhealthy_until_quiet_after_up() -> None:
-    book = HealthBook(Clock())
+    clock, changes = Clock(), []
+    book = HealthBook(clock)
+    monitor = monitor_on(book, clock, changes, quietPeriodSeconds=300)
     book.mark_down("health monitoring failed: NVML event wait failed: Unknown Error")
     assert "event wait failed" in (book.view().gpu_problem("GPU-X") or "")
     book.mark_up(["GPU-X"], "health monitoring was interrupted")
     assert book.view().gpu_problem("GPU-X") == "health monitoring was interrupted"
-    assert book.faulted() == ["GPU-X"]
+    clock.now += 299
+    monitor.probe()
+    assert book.view().gpu_problem("GPU-X") == "health monitoring was interrupted" and changes == []
+    clock.now += 1  # the quiet period is reached: the next probe clears it
+    monitor.probe()
+    assert book.view().gpu_problem("GPU-X") is None and changes == ["rescan"]
 
 
-# ---------------------------------------------------------------- preferred allocation
-
-# The dgx-8 fixture's layout (src/nodedev/fixtures/nvml/dgx-8.conf), written out again
-# here so the expected answers do not depend on reading it through NVML.
-NVLINKS = {
-    (0, 3): 4, (0, 4): 4, (1, 2): 4, (1, 5): 4, (2, 3): 4, (4, 7): 4, (5, 6): 4, (6, 7): 4,
-    (0, 1): 2, (0, 2): 2, (1, 3): 2, (2, 6): 2, (3, 7): 2, (4, 5): 2, (4, 6): 2, (5, 7): 2,
-}  # fmt: skip
-SAME_SWITCH = {(0, 1), (2, 3), (4, 5), (6, 7)}
-
-
-def dgx_score(a: str, b: str) -> int:
-    i, j = sorted((int(a), int(b)))
-    pcie = 50 if (i, j) in SAME_SWITCH else 20 if i // 4 == j // 4 else 10
-    return pcie + 100 * NVLINKS.get((i, j), 0)
+def test_a_new_fault_restarts_the_quiet_period() -> None:
+    clock, changes = Clock(), []
+    book = HealthBook(clock)
+    monitor = monitor_on(book, clock, changes, quietPeriodSeconds=60)
+    book.record("GPU-X", "Xid 48")
+    clock.now += 50
+    book.record("GPU-X", "Xid 79")
+    clock.now += 50  # 100 s after the first fault, 50 s after the last
+    monitor.probe()
+    assert book.view().gpu_problem("GPU-X") == "Xid 79"
+    clock.now += 10
+    monitor.probe()
+    assert book.view().gpu_problem("GPU-X") is None
 
 
-ALL = [str(i) for i in range(8)]
-
-
-def brute_force(available: list[str], required: list[str], size: int) -> int:
-    best = 0
-    rest = [a for a in available if a not in required]
-    for combo in itertools.combinations(rest, size - len(required)):
-        members = required + list(combo)
-        best = max(best, sum(dgx_score(a, b) for a, b in itertools.combinations(members, 2)))
-    return best
-
-
-@pytest.mark.parametrize(
-    ("available", "required", "size", "expected"),
-    [
-        (ALL, [], 2, ["2", "3"]),  # 4 NVLinks + same switch; ties with 6-7, first wins
-        (ALL, [], 4, ["0", "1", "2", "3"]),
-        (ALL, ["4"], 2, ["4", "7"]),
-        (ALL, ["0", "5"], 3, ["0", "1", "5"]),
-        ([a for a in ALL if a != "3"], [], 1, ["2"]),  # 2's best partner is gone: keep 0-4, 1-5, 6-7 whole
-        (["0", "5", "6"], [], 3, ["0", "5", "6"]),
-    ],
-)
-def test_best_set_on_the_dgx8_layout(available: list[str], required: list[str], size: int, expected: list[str]) -> None:
-    chosen = best_set(available, required, size, dgx_score)
-    assert sorted(chosen) == expected
-    assert sum(dgx_score(a, b) for a, b in itertools.combinations(chosen, 2)) == brute_force(available, required, size)
-
-
-def test_best_set_is_optimal_for_every_size_and_must_include() -> None:
-    for size in range(1, 9):
-        for required in ([], ["5"], ["1", "6"]):
-            if len(required) > size:
-                continue
-            chosen = best_set(ALL, required, size, dgx_score)
-            assert len(chosen) == size and set(required) <= set(chosen)
-            score = sum(dgx_score(a, b) for a, b in itertools.combinations(chosen, 2))
-            assert score == brute_force(ALL, required, size)
-
-
-def test_large_pools_use_the_greedy_path_and_keep_cliques_together() -> None:
-    # 24 GPUs in three NVLink islands of eight: choose(24, 8) is far above the exact limit.
-    ids = [f"g{i:02d}" for i in range(24)]
-
-    def score(a: str, b: str) -> int:
-        return 800 if int(a[1:]) // 8 == int(b[1:]) // 8 else 10
-
-    chosen = best_set(ids, ["g09"], 8, score)
-    assert sorted(chosen) == ids[8:16]
-
-
-def group(device_id: str) -> str:
-    return device_id.split("::")[0]
-
-
-def test_distributed_policy_spreads_replicas_over_gpus() -> None:
-    available = ["A::1", "A::2", "A::3", "B::0", "B::1", "B::2", "B::3"]  # A::0 is in use
-    chosen = spread_pick(available, [], 3, group, {"A": 4, "B": 4}, "distributed", {"A": 0, "B": 1})
-    assert chosen == ["B::0", "A::1", "B::1"]
-
-
-def test_packed_policy_fills_the_busiest_gpu_first() -> None:
-    available = ["A::1", "A::2", "A::3", "B::0", "B::1", "B::2", "B::3"]
-    chosen = spread_pick(available, [], 3, group, {"A": 4, "B": 4}, "packed", {"A": 0, "B": 1})
-    assert chosen == ["A::1", "A::2", "A::3"]
-
-
-def test_spread_honours_must_include() -> None:
-    available = ["A::0", "A::1", "B::0", "B::1"]
-    chosen = spread_pick(available, ["A::1"], 2, group, {"A": 2, "B": 2}, "distributed", {"A": 0, "B": 1})
-    assert chosen == ["A::1", "B::0"]
+def test_quiet_period_null_never_clears_however_long_it_is_quiet() -> None:
+    clock, changes = Clock(), []
+    book = HealthBook(clock)
+    monitor = monitor_on(book, clock, changes, quietPeriodSeconds=None)
+    book.record("GPU-X", "Xid 48")
+    for _ in range(3):
+        clock.now += 10**9
+        monitor.probe()
+    assert book.view().gpu_problem("GPU-X") == "Xid 48" and changes == []
 
 
 def test_mig_profile_falls_back_to_slice_counts_when_the_name_has_none() -> None:

@@ -1,15 +1,19 @@
-"""The NVIDIA driver through its contract, on the fake NVML (nodedev.simulate).
+"""The NVIDIA driver through its contract, on the fake NVML (nodedev.drivers.nvidia.simulate).
 
 Each test builds a simulated node, starts the driver with a HostContext whose
 rescan() sets an Event, and looks at what scan(), allocate() and
-preferred_allocation() return, as the host would. Health tests inject events
-into the fake's control file and wait on the rescan Event, never on sleep().
+preferred_allocation() return, as the host would: a container's answer is the
+scanned devices' edits joined, plus what allocate() adds for the request. Health
+tests inject events into the fake's control file and wait on the rescan Event or
+on a log line, never on sleep().
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,10 +23,10 @@ from typing import Any
 import pynvml
 import pytest
 
-from nodedev import simulate
-from nodedev.driver import Device, DriverError, Health, HostContext
-from nodedev.drivers.nvidia import NvidiaDriver, NvidiaOptions
+from nodedev.driver import ContainerEdits, Device, DriverError, Health, HostContext
+from nodedev.drivers.nvidia import NvidiaDriver, NvidiaOptions, simulate
 from nodedev.drivers.nvidia.allocate import CDI_KIND, CDI_SPEC_FILE
+from nodedev.drivers.nvidia.topology import id_order
 
 GPU = "nvidia.com/gpu"
 FAST_HEALTH = {"quietPeriodSeconds": 1, "probeIntervalSeconds": 0.2}
@@ -38,9 +42,16 @@ class Sim:
         self.node = node
         self.driver = driver
         self.rescans = rescans
+        self.latest: dict[str, dict[str, Device]] = {}
 
     def scan(self) -> dict[str, dict[str, Device]]:
-        return {resource: {d.id: d for d in devices} for resource, devices in self.driver.scan().items()}
+        self.latest = {resource: {d.id: d for d in devices} for resource, devices in self.driver.scan().items()}
+        return self.latest
+
+    def allocate(self, resource: str, ids: list[str]) -> ContainerEdits:
+        """A container's answer as the host assembles it from the latest scan."""
+        devices = [self.latest[resource][i] for i in ids]
+        return ContainerEdits.merge((d.edits for d in devices), self.driver.allocate(resource, devices))
 
     def uuid(self, index: int) -> str:
         return self.node.gpus[index].uuid
@@ -68,13 +79,17 @@ def sim(tmp_path: Path) -> Iterator[Callable[..., Sim]]:
         host = HostContext(
             sysfs_root=node.sysfs_root,
             dev_root=node.dev_root,
+            proc_root=node.proc_root,
             rescan=rescans.set,
             log=logging.getLogger("test.nvidia"),
         )
         section.setdefault("health", FAST_HEALTH)
         section.setdefault("cdiRoot", str(tmp_path / "cdi"))
-        options = NvidiaOptions.model_validate({"enabled": True, "procRoot": str(node.proc_root), **section})
+        clock = section.pop("clock", None)
+        options = NvidiaOptions.model_validate({"enabled": True, **section})
         driver = NvidiaDriver(options, host)
+        if clock is not None:
+            driver.clock = clock
         driver.start()
         started.append(driver)
         return Sim(node, driver, rescans)
@@ -82,6 +97,46 @@ def sim(tmp_path: Path) -> Iterator[Callable[..., Sim]]:
     yield start
     for driver in started:
         driver.stop()
+
+
+class ManualClock:
+    """The driver's health clock, moved only by the test."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class LogLines(logging.Handler):
+    """Log messages as they come, to wait on (with a timeout) from the test thread."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+        self.cond = threading.Condition()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with self.cond:
+            self.lines.append(record.getMessage())
+            self.cond.notify_all()
+
+    def wait_for(self, text: str, timeout: float) -> None:
+        with self.cond:
+            if not self.cond.wait_for(lambda: any(text in line for line in self.lines), timeout):
+                raise AssertionError(f"no log line with {text!r} within {timeout} s; got {self.lines}")
+
+
+@pytest.fixture
+def log_lines() -> Iterator[LogLines]:
+    logger = logging.getLogger("test.nvidia")
+    handler, level = LogLines(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(level)
 
 
 def health(devices: dict[str, Device]) -> dict[str, str]:
@@ -134,7 +189,7 @@ def test_mig_allocation_passes_the_capability_nodes(sim) -> None:
     s = sim("mig", flags={"migStrategy": "mixed", "plugin": {"passDeviceSpecs": True}})
     s.scan()
     target = next(m for m in s.node.migs if m.gpu_instance_id == 3)
-    allocation = s.driver.allocate("nvidia.com/mig-2g.20gb", [target.uuid])
+    allocation = s.allocate("nvidia.com/mig-2g.20gb", [target.uuid])
     assert allocation.envs == {"NVIDIA_VISIBLE_DEVICES": target.uuid}
     gi_cap = simulate.mig_cap_minor(1, 3)
     ci_cap = simulate.mig_cap_minor(1, 3, 0)
@@ -154,7 +209,7 @@ def test_mig_allocation_passes_the_capability_nodes(sim) -> None:
 def test_index_strategy_on_mig_uses_gpu_colon_mig_indices(sim) -> None:
     s = sim("mig", flags={"migStrategy": "mixed", "plugin": {"deviceIDStrategy": "index"}})
     ids = list(s.scan()["nvidia.com/mig-2g.20gb"])
-    assert s.driver.allocate("nvidia.com/mig-2g.20gb", ids).envs["NVIDIA_VISIBLE_DEVICES"] == "1:1,1:2"
+    assert s.allocate("nvidia.com/mig-2g.20gb", ids).envs["NVIDIA_VISIBLE_DEVICES"] == "1:1,1:2"
 
 
 def test_missing_control_nodes_are_not_passed(sim) -> None:
@@ -162,7 +217,7 @@ def test_missing_control_nodes_are_not_passed(sim) -> None:
     (s.node.dev_root / "nvidia-modeset").unlink()
     (s.node.dev_root / "nvidia-uvm-tools").unlink()
     s.scan()
-    allocation = s.driver.allocate(GPU, [s.uuid(0)])
+    allocation = s.allocate(GPU, [s.uuid(0)])
     assert [d.container_path for d in allocation.devices] == ["/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia0"]
 
 
@@ -173,7 +228,7 @@ def test_time_slicing_on_dgx8(sim) -> None:
     )
     devices = s.scan()["nvidia.com/gpu.shared"]
     assert len(devices) == 80 and f"{s.uuid(3)}::9" in devices
-    allocation = s.driver.allocate("nvidia.com/gpu.shared", [f"{s.uuid(0)}::0", f"{s.uuid(0)}::5"])
+    allocation = s.allocate("nvidia.com/gpu.shared", [f"{s.uuid(0)}::0", f"{s.uuid(0)}::5"])
     assert allocation.envs["NVIDIA_VISIBLE_DEVICES"] == s.uuid(0)
     # distributed: four replicas land on four different GPUs
     chosen = s.driver.preferred_allocation("nvidia.com/gpu.shared", list(devices), [], 4)
@@ -188,11 +243,37 @@ def test_cdi_spec_is_written_at_scan_and_allocate_names_its_devices(sim, tmp_pat
     names = {d["name"] for d in spec["devices"]}
     assert {s.uuid(2), "2", s.node.migs[0].uuid, "0:0"} <= names
     spec_path.unlink()
-    allocation = s.driver.allocate(GPU, [s.uuid(2)])
-    assert allocation.cdi_devices == [f"{CDI_KIND}={s.uuid(2)}"] and allocation.envs == {}
+    allocation = s.allocate(GPU, [s.uuid(2)])
+    assert allocation.cdi_devices == (f"{CDI_KIND}={s.uuid(2)}",) and allocation.envs == {}
     assert not spec_path.exists()  # allocate does no I/O
     s.scan()
     assert spec_path.exists()  # the next scan puts it back
+
+
+def test_cdi_spec_is_rewritten_only_when_it_changes(sim, tmp_path: Path) -> None:
+    s = sim("dgx-8", flags={"plugin": {"deviceListStrategy": "cdi-annotations"}})
+    spec_path = tmp_path / "cdi" / CDI_SPEC_FILE
+    s.scan()
+    first = os.stat(spec_path)
+    for _ in range(3):
+        s.scan()
+    again = os.stat(spec_path)
+    assert (again.st_ino, again.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)
+    (s.node.dev_root / "nvidia-modeset").unlink()  # a control node goes: the spec changes
+    s.scan()
+    changed = os.stat(spec_path)
+    assert changed.st_ino != first.st_ino  # replaced by rename, never edited in place
+    assert "nvidia-modeset" not in spec_path.read_text() and "nvidia-uvm-tools" in spec_path.read_text()
+
+
+def test_annotations_name_the_devices_of_the_request(sim) -> None:
+    s = sim("dgx-8", flags={"plugin": {"deviceListStrategy": "cdi-annotations", "deviceIDStrategy": "index"}})
+    s.scan()
+    allocation = s.allocate(GPU, [s.uuid(5), s.uuid(1)])
+    ((key, value),) = allocation.annotations.items()
+    assert key.startswith("cdi.k8s.io/nodedev-nvidia_")
+    assert value == f"{CDI_KIND}=5,{CDI_KIND}=1"
+    assert allocation.envs == {} and allocation.cdi_devices == () and allocation.devices == ()
 
 
 # ---------------------------------------------------------------- preferred allocation
@@ -208,10 +289,37 @@ def test_preferred_allocation_reads_the_fixture_topology(sim) -> None:
         return sorted(by_index[c] for c in chosen)
 
     assert pick(list(range(8)), [], 2) == [2, 3]
-    assert pick(list(range(8)), [], 4) == [0, 1, 2, 3]
+    # 0-3 and 4-7 score the same: the tie goes to the set holding the lowest ID
+    assert pick(list(range(8)), [], 4) == min([0, 1, 2, 3], [4, 5, 6, 7], key=lambda g: min(id_order(s.uuid(i)) for i in g))
     assert pick(list(range(8)), [4], 2) == [4, 7]
     assert pick([0, 1, 2, 4, 5, 6, 7], [], 1) == [2]
     assert len(s.driver.preferred_allocation(GPU, all_ids, [], 8)) == 8
+
+
+def same_answer_in_any_order(s: Sim, resource: str, ids: list[str], seed: int) -> None:
+    """Random requests, each asked in several orders, as the kubelet's map walk lists them."""
+    rng = random.Random(seed)
+    for _ in range(100):
+        available = rng.sample(ids, rng.randint(2, len(ids)))
+        size = rng.randint(1, min(8, len(available)))
+        required = rng.sample(available, rng.randint(0, min(2, size)))
+        answers = {
+            tuple(s.driver.preferred_allocation(resource, rng.sample(available, len(available)), rng.sample(required, len(required)), size))
+            for _ in range(6)
+        }
+        assert len(answers) == 1, (available, required, size, answers)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_preferred_allocation_ignores_the_order_of_available_ids(sim, seed: int) -> None:
+    s = sim("dgx-8")
+    same_answer_in_any_order(s, GPU, list(s.scan()[GPU]), seed)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_preferred_replicas_ignore_the_order_of_available_ids(sim, seed: int) -> None:
+    s = sim("dgx-8", sharing={"timeSlicing": {"resources": [{"name": GPU, "replicas": 10}]}})
+    same_answer_in_any_order(s, GPU, list(s.scan()[GPU]), seed)
 
 
 # ---------------------------------------------------------------- health
@@ -321,17 +429,32 @@ def test_event_thread_failure_recovers_after_the_quiet_period(sim) -> None:
     s.until(lambda snap: snap[GPU][s.uuid(0)].health is Health.UNHEALTHY, 1.0, "GPU Unhealthy after Xid 48")
 
 
-def test_quiet_period_null_never_recovers(sim) -> None:
-    s = sim("gpu-1", health={"quietPeriodSeconds": None, "probeIntervalSeconds": 0.1})
+def test_quiet_period_null_never_recovers(sim, log_lines: LogLines) -> None:
+    clock = ManualClock()
+    s = sim("gpu-1", health={"quietPeriodSeconds": None, "probeIntervalSeconds": 0.1}, clock=clock)
     s.scan()
     s.node.inject("xid 0 48")
     s.until(lambda snap: snap[GPU][s.uuid(0)].health is Health.UNHEALTHY, 1.0, "GPU Unhealthy")
-    s.node.inject("xid 0 13")  # ignored, but proves the thread kept running through many probes
-    deadline = time.monotonic() + 0.6
-    while time.monotonic() < deadline:
-        s.rescans.wait(max(0.0, deadline - time.monotonic()))
-        s.rescans.clear()
-    assert s.scan()[GPU][s.uuid(0)].health is Health.UNHEALTHY
+    clock.now += 10**6  # far past any quiet period, and a probe is due
+    # The thread probes after every event wait that finds the probe due, so once it has
+    # handled one event after the jump it has probed before it handles the next.
+    s.node.inject("xid 0 13")
+    log_lines.wait_for("Xid 13 ignored", timeout=2.0)
+    s.node.inject("xid 0 31")
+    log_lines.wait_for("Xid 31 ignored", timeout=2.0)
+    device = s.scan()[GPU][s.uuid(0)]
+    assert device.health is Health.UNHEALTHY and device.reason == "Xid 48"
+
+
+def test_quiet_period_is_measured_on_the_drivers_clock(sim, log_lines: LogLines) -> None:
+    """The same sequence with a quiet period that the jump passes: the probe clears the GPU."""
+    clock = ManualClock()
+    s = sim("gpu-1", health={"quietPeriodSeconds": 300, "probeIntervalSeconds": 0.1}, clock=clock)
+    s.scan()
+    s.node.inject("xid 0 48")
+    s.until(lambda snap: snap[GPU][s.uuid(0)].health is Health.UNHEALTHY, 1.0, "GPU Unhealthy")
+    clock.now += 300
+    s.until(lambda snap: snap[GPU][s.uuid(0)].health is Health.HEALTHY, 2.0, "GPU Healthy after the quiet period")
 
 
 def test_health_off_starts_no_thread(sim) -> None:
@@ -369,7 +492,7 @@ def test_missing_library_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
         raise pynvml.NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
 
     monkeypatch.setattr(pynvml, "nvmlInit", not_found)
-    host = HostContext(Path("/sys"), Path("/dev"), lambda: None, logging.getLogger("test.nvidia"))
+    host = HostContext(Path("/sys"), Path("/dev"), Path("/proc"), lambda: None, logging.getLogger("test.nvidia"))
     driver = NvidiaDriver(NvidiaOptions(enabled=True), host)
     with pytest.raises(DriverError, match=r"libnvidia-ml\.so\.1: NVML Shared Library Not Found"):
         driver.start()
@@ -407,7 +530,7 @@ def _real_nvml() -> bool:
 def test_real_gpus_are_discovered() -> None:
     if simulate._loaded or not _real_nvml():  # the fake, once loaded, answers for NVML
         pytest.skip("needs a real NVIDIA GPU and driver")
-    host = HostContext(Path("/sys"), Path("/dev"), lambda: None, logging.getLogger("test.nvidia"))
+    host = HostContext(Path("/sys"), Path("/dev"), Path("/proc"), lambda: None, logging.getLogger("test.nvidia"))
     driver = NvidiaDriver(NvidiaOptions(enabled=True), host)
     driver.start()
     try:

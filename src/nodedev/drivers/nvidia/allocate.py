@@ -1,9 +1,14 @@
-"""Allocate responses and the CDI spec behind the cdi-* strategies.
+"""What a container gets for NVIDIA devices, and the CDI spec behind the cdi-* strategies.
 
-The response is computed from values gathered at scan time only (no I/O):
-Allocate runs on the host's event loop. The CDI spec is written by scan() when
-its content changes, so a kubelet asking for `k8s.device-plugin.nvidia.com/gpu=<id>`
-finds the spec already on disk.
+Each device's part of the answer (its NVIDIA_VISIBLE_DEVICES value, device nodes,
+volume mount, CDI name) is computed at scan time into its `Device.edits`; the host
+joins the parts of the requested devices in request order, which gives exactly
+NVIDIA's response: visible IDs comma-joined with replicas of one GPU once, control
+nodes then each device's nodes, one mount per device. What depends on the whole
+request (refusing more than one shared device, the cdi-annotations key that is new
+for every response) is `request_edits`, called from allocate() on the event loop
+with no I/O. The CDI spec is written by scan() when its content changes, so a
+kubelet asking for `k8s.device-plugin.nvidia.com/gpu=<id>` finds it already on disk.
 """
 
 from __future__ import annotations
@@ -12,12 +17,12 @@ import json
 import os
 import tempfile
 import uuid as uuidlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nodedev.driver import Allocation, AllocationError, DeviceNode, Mount
+from nodedev.driver import NO_EDITS, AllocationError, ContainerEdits, Device, DeviceNode, Mount
 from nodedev.drivers.nvidia.discovery import GPU
 from nodedev.drivers.nvidia.options import CDI_STRATEGIES, NvidiaOptions
 from nodedev.drivers.nvidia.resources import Unit
@@ -32,6 +37,8 @@ CDI_SPEC_FILE = "k8s.device-plugin.nvidia.com-gpu.json"
 (two specs defining the same device names make CDI refuse both)."""
 CDI_VERSION = "0.5.0"
 """The first CDI version with `hostPath` on device nodes."""
+ANNOTATION_NAME = "nodedev-nvidia"
+"""Middle of the cdi-annotations key: `<prefix>nodedev-nvidia_<uuid4>`, NVIDIA's shape."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,49 +80,67 @@ class AllocateSettings:
     def any_cdi(self) -> bool:
         return any(s in CDI_STRATEGIES for s in self.strategies)
 
-
-def _unique(items: Iterable[str]) -> list[str]:
-    return list(dict.fromkeys(items))
+    @property
+    def annotates(self) -> bool:
+        return "cdi-annotations" in self.strategies
 
 
 def device_node(dev_dir: Path, name: str) -> DeviceNode:
     return DeviceNode(host_path=str(dev_dir / name), container_path=f"/dev/{name}", permissions="rw")
 
 
-def build_allocation(
-    resource: str,
-    units: Sequence[Unit],
+def cdi_name(unit: Unit, settings: AllocateSettings) -> str:
+    """The fully qualified CDI device name the spec defines for this unit."""
+    return f"{CDI_KIND}={unit.visible_id(settings.id_strategy)}"
+
+
+def device_edits(unit: Unit, settings: AllocateSettings, dev_dir: Path, control_nodes: Sequence[str]) -> ContainerEdits:
+    """One device's part of a container's answer, as the host will join it with the others'.
+
+    With only cdi-* strategies NVIDIA sets no env, mount or device node at all. The
+    control nodes come with every device so a request of any size gets them, once.
+    """
+    visible = unit.visible_id(settings.id_strategy)
+    envs: dict[str, str] = {}
+    mounts: tuple[Mount, ...] = ()
+    nodes: tuple[DeviceNode, ...] = ()
+    if not settings.all_cdi:
+        envs.update(settings.extra_envs)
+        if "envvar" in settings.strategies:
+            envs[VISIBLE_DEVICES] = visible
+        if "volume-mounts" in settings.strategies:
+            envs[VISIBLE_DEVICES] = VOLUME_MOUNT_ROOT
+            mounts = (Mount(host_path="/dev/null", container_path=f"{VOLUME_MOUNT_ROOT}/{visible}"),)
+        if settings.pass_device_specs:
+            nodes = tuple(device_node(dev_dir, name) for name in (*control_nodes, *unit.nodes))
+    cdi = (cdi_name(unit, settings),) if "cdi-cri" in settings.strategies else ()
+    return ContainerEdits(devices=nodes, mounts=mounts, envs=envs, cdi_devices=cdi)
+
+
+def request_edits(
+    devices: Sequence[Device],
     *,
     replicated: bool,
     settings: AllocateSettings,
-    dev_dir: Path,
-    control_nodes: Sequence[str],
-) -> Allocation:
-    """One container's response. Replicas of one GPU collapse to that GPU, once."""
-    if replicated and settings.fail_requests_greater_than_one and len(units) > 1:
+    cdi_names: Mapping[str, str],
+) -> ContainerEdits:
+    """What depends on the whole request: the failRequestsGreaterThanOne refusal and the
+    cdi-annotations entry, whose key NVIDIA makes new for every response."""
+    if replicated and settings.fail_requests_greater_than_one and len(devices) > 1:
         raise AllocationError(
-            f"{resource}: {len(units)} shared devices requested, but "
+            f"{len(devices)} shared devices requested, but "
             "sharing.timeSlicing.failRequestsGreaterThanOne allows one per container"
         )
-    ids = _unique(unit.visible_id(settings.id_strategy) for unit in units)
-    allocation = Allocation()
-    if not settings.all_cdi:
-        allocation.envs.update(settings.extra_envs)
-        if "envvar" in settings.strategies:
-            allocation.envs[VISIBLE_DEVICES] = ",".join(ids)
-        if "volume-mounts" in settings.strategies:
-            allocation.envs[VISIBLE_DEVICES] = VOLUME_MOUNT_ROOT
-            allocation.mounts = [Mount(host_path="/dev/null", container_path=f"{VOLUME_MOUNT_ROOT}/{i}") for i in ids]
-        if settings.pass_device_specs:
-            nodes = _unique([*control_nodes, *(node for unit in units for node in unit.nodes)])
-            allocation.devices = [device_node(dev_dir, node) for node in nodes]
-    qualified = [f"{CDI_KIND}={i}" for i in ids]
-    if "cdi-annotations" in settings.strategies:
-        key = f"{settings.annotation_prefix}nodedev-nvidia_{uuidlib.uuid4()}"
-        allocation.annotations[key] = ",".join(qualified)
-    if "cdi-cri" in settings.strategies:
-        allocation.cdi_devices = qualified
-    return allocation
+    if not settings.annotates:
+        return NO_EDITS
+    names: dict[str, None] = {}
+    for device in devices:
+        name = cdi_names.get(device.id)
+        if name is None:
+            raise AllocationError(f"device {device.id!r} is no longer present (the latest scan dropped it)")
+        names[name] = None
+    key = f"{settings.annotation_prefix}{ANNOTATION_NAME}_{uuidlib.uuid4()}"
+    return ContainerEdits(annotations={key: ",".join(names)})
 
 
 def _cdi_nodes(dev_dir: Path, names: Iterable[str]) -> list[dict[str, str]]:

@@ -1,6 +1,9 @@
 """The NVIDIA GPU driver: NVML discovery, NVIDIA-compatible resources and Allocate,
 topology-aware preferred allocation, and event-driven health that can recover.
 
+What a container gets for each GPU, MIG device or replica is computed at scan
+time into its `Device.edits`; allocate() adds only what depends on the request.
+
 Threads: scan() (host worker thread) rebuilds an immutable `View` and swaps it
 in with one assignment; allocate() and preferred_allocation() (event loop) only
 read the current View. The health thread writes into the HealthBook and asks
@@ -13,7 +16,8 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -21,8 +25,7 @@ from typing import Any, ClassVar
 import pynvml
 
 from nodedev.driver import (
-    Allocation,
-    AllocationError,
+    ContainerEdits,
     Device,
     Driver,
     DriverError,
@@ -40,32 +43,43 @@ from nodedev.drivers.nvidia.resources import ResourceError, Unit
 
 
 @dataclass(frozen=True, slots=True)
+class Spread:
+    """How preferred allocation spreads one replicated or MIG resource over physical devices."""
+
+    group_of: Mapping[str, str]
+    """Device ID -> its spreading group: the physical GPU or MIG device of a replica,
+    the parent GPU of a MIG device."""
+    capacity: Mapping[str, int]
+    """Group -> how many IDs it has in all."""
+    order: Mapping[str, int]
+    """Group -> its position (GPU, then MIG order): the last tie-break."""
+
+
+@dataclass(frozen=True, slots=True)
 class View:
-    """Everything allocate() and preferred_allocation() need, fixed at one scan."""
+    """What allocate() and preferred_allocation() need beyond the devices, fixed at one scan."""
 
-    units: dict[str, dict[str, Unit]] = field(default_factory=dict)
     replicated: frozenset[str] = frozenset()
-    control_nodes: tuple[str, ...] = ()
-    scores: dict[tuple[str, str], int] = field(default_factory=dict)
-    capacity: dict[str, dict[str, int]] = field(default_factory=dict)
-    """Resource -> spreading group -> how many IDs the group has in all."""
-    group_order: dict[str, dict[str, int]] = field(default_factory=dict)
-    """Resource -> spreading group -> its position (GPU, then MIG order): the last tie-break."""
+    spread: Mapping[str, Spread] = field(default_factory=dict)
+    """Resources whose IDs are replicas or MIG devices; the others are chosen by topology."""
+    scores: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    cdi_names: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    """Resource -> device ID -> qualified CDI name; filled only for cdi-annotations."""
 
 
-class NvidiaDriver(Driver):
+class NvidiaDriver(Driver[NvidiaOptions]):
     name = "nvidia"
     Options: ClassVar[type[DriverOptions]] = NvidiaOptions
 
-    def __init__(self, options: DriverOptions, host: HostContext) -> None:
+    def __init__(self, options: NvidiaOptions, host: HostContext) -> None:
         super().__init__(options, host)
-        assert isinstance(options, NvidiaOptions)
-        self.opts: NvidiaOptions = options
         self.log: logging.Logger = host.log
         self.nvml: Any = pynvml
+        self.clock: Callable[[], float] = time.monotonic
+        """The health thread's time (quiet periods, probe schedule). Tests replace it before start()."""
         self._settings = alloc.AllocateSettings.from_options(options)
         self._policy = XidPolicy.from_options(options.health)
-        self._book = HealthBook()
+        self._book = HealthBook(clock=self._now)
         self._lock = threading.RLock()
         """Serialises NVML use by start(), scan() and stop() (the health thread has its own)."""
         self._open = False
@@ -81,16 +95,31 @@ class NvidiaDriver(Driver):
     # -- config ------------------------------------------------------------------
 
     @classmethod
-    def declared_resources(cls, options: DriverOptions) -> list[str]:
-        assert isinstance(options, NvidiaOptions)
+    def declared_resources(cls, options: NvidiaOptions) -> list[str]:
         return resources.declared_resources(options)
+
+    @classmethod
+    def simulations(cls) -> Sequence[str]:
+        from nodedev.drivers.nvidia import simulate
+
+        return simulate.fixture_names()
+
+    @classmethod
+    def simulate(cls, fixture: str, workdir: Path) -> dict[str, Any] | None:
+        from nodedev.drivers.nvidia import simulate
+
+        return simulate.simulate(fixture, workdir)
 
     @property
     def dev_dir(self) -> Path:
         """Where device nodes are looked for and what host paths name: NVIDIA's
         nvidiaDevRoot (or nvidiaDriverRoot) + /dev when set, else nodedev's devRoot."""
-        root = self.opts.flags.nvidia_dev_root or self.opts.flags.nvidia_driver_root
+        flags = self.options.flags
+        root = flags.nvidia_dev_root or flags.nvidia_driver_root
         return Path(root) / "dev" if root else self.host.dev_root
+
+    def _now(self) -> float:
+        return self.clock()
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -98,7 +127,7 @@ class NvidiaDriver(Driver):
         try:
             self._open_nvml()
         except DriverError as err:
-            if self.opts.flags.fail_on_init_error:
+            if self.options.flags.fail_on_init_error:
                 raise
             self.log.warning("no NVML (%s); waiting: serving no GPUs and retrying at every rescan", err)
 
@@ -128,15 +157,16 @@ class NvidiaDriver(Driver):
             try:
                 discovery = self._discover()
                 self._units(discovery)
-                if self.opts.health.enabled:
+                if self.options.health.enabled:
                     self._monitor = EventMonitor(
                         self.nvml,
                         discovery.handles,
                         self._book,
                         self._policy,
-                        self.opts.health,
+                        self.options.health,
                         on_change=self.host.rescan,
                         log=self.log,
+                        clock=self._now,
                     )
                     self._monitor.start()
             except BaseException:
@@ -149,7 +179,7 @@ class NvidiaDriver(Driver):
 
     def _discover(self) -> Discovery:
         try:
-            discovery = discover(self.nvml, self.host.sysfs_root, Path(self.opts.proc_root), self.log, self._discovery)
+            discovery = discover(self.nvml, self.host.sysfs_root, self.host.proc_root, self.log, self._discovery)
         except self.nvml.NVMLError as err:
             raise DriverError(f"NVML ({NVML_LIBRARY}) cannot list GPUs: {err}") from None
         self._discovery = discovery
@@ -157,10 +187,12 @@ class NvidiaDriver(Driver):
 
     # -- scan --------------------------------------------------------------------
 
-    def scan(self) -> Snapshot:
+    def scan(self, changed: Collection[str] | None = None) -> Snapshot:
+        """Always reads every GPU: NVML answers for all of them in one pass, and uevents
+        for GPUs are not subscribed to (health comes from NVML events)."""
         with self._lock:
             if self._stopped:
-                return {name: [] for name in self.declared_resources(self.opts)}
+                return {name: [] for name in self.declared_resources(self.options)}
             return self._scan()
 
     def _scan(self) -> Snapshot:
@@ -168,14 +200,14 @@ class NvidiaDriver(Driver):
             try:
                 self._open_nvml()
             except DriverError as err:
-                if self.opts.flags.fail_on_init_error:
+                if self.options.flags.fail_on_init_error:
                     raise
                 self.log.info("no NVML (%s); waiting", err)
-                return {name: [] for name in self.declared_resources(self.opts)}
+                return {name: [] for name in self.declared_resources(self.options)}
         discovery = self._discover()
         transient: dict[str, str] = {}
-        for uuid, err in discovery.unreadable.items():
-            reason = f"NVML cannot reach the GPU: {err}"
+        for uuid, nvml_error in discovery.unreadable.items():
+            reason = f"NVML cannot reach the GPU: {nvml_error}"
             if self._monitor is not None:
                 self._book.record(uuid, reason, source="nvml")
             else:
@@ -183,22 +215,23 @@ class NvidiaDriver(Driver):
         by_resource = self._units(discovery)
         self._refresh_topology(discovery)
         control = tuple(n for n in alloc.CONTROL_NODES if os.path.exists(self.dev_dir / n))
-        self.view = self._build_view(by_resource, control)
         if self._settings.any_cdi:
             self._write_cdi(discovery, control)
-        return self._snapshot(by_resource, self._book.view(), transient)
+        snapshot = self._snapshot(by_resource, self._book.view(), transient, control)
+        self.view = self._build_view(by_resource)
+        return snapshot
 
     def _units(self, discovery: Discovery) -> dict[str, list[Unit]]:
         warnings: list[str] = []
         try:
-            by_resource = resources.build_units(discovery.gpus, self.opts, warnings)
+            by_resource = resources.build_units(discovery.gpus, self.options, warnings)
         except ResourceError as err:
             raise DriverError(str(err)) from None
         for warning in warnings:
             if warning not in self._warned:
                 self._warned.add(warning)
                 self.log.warning("%s", warning)
-        for name in self.declared_resources(self.opts):
+        for name in self.declared_resources(self.options):
             by_resource.setdefault(name, [])
         return by_resource
 
@@ -210,34 +243,26 @@ class NvidiaDriver(Driver):
         self._topology = topology.read_topology(self.nvml, discovery.gpus, discovery.handles)
         self._topology_key = key
 
-    def _build_view(self, by_resource: dict[str, list[Unit]], control: tuple[str, ...]) -> View:
+    def _build_view(self, by_resource: dict[str, list[Unit]]) -> View:
         replicated = frozenset(r for r, units in by_resource.items() if any(u.replica is not None for u in units))
-        capacity: dict[str, dict[str, int]] = {}
-        order: dict[str, dict[str, int]] = {}
-        for resource, units in by_resource.items():
-            counts: dict[str, int] = {}
-            for unit in units:
-                group = _group(unit, resource in replicated)
-                counts[group] = counts.get(group, 0) + 1
-            capacity[resource] = counts
-            order[resource] = {group: position for position, group in enumerate(counts)}
+        spread = {
+            resource: _spread(units, resource in replicated)
+            for resource, units in by_resource.items()
+            if resource in replicated or any(u.mig is not None for u in units)
+        }
         scores: dict[tuple[str, str], int] = {}
         for pair, link in self._topology.links.items():
             a, b = tuple(pair)
             scores[(a, b)] = scores[(b, a)] = link.score
-        return View(
-            units={r: {u.id: u for u in units} for r, units in by_resource.items()},
-            replicated=replicated,
-            control_nodes=control,
-            scores=scores,
-            capacity=capacity,
-            group_order=order,
-        )
+        cdi_names: dict[str, dict[str, str]] = {}
+        if self._settings.annotates:
+            cdi_names = {r: {u.id: alloc.cdi_name(u, self._settings) for u in units} for r, units in by_resource.items()}
+        return View(replicated=replicated, spread=spread, scores=scores, cdi_names=cdi_names)
 
     def _write_cdi(self, discovery: Discovery, control: tuple[str, ...]) -> None:
         spec = alloc.cdi_spec(discovery.gpus, self.dev_dir, control)
         text = json.dumps(spec, sort_keys=True)
-        root = Path(self.opts.cdi_root)
+        root = Path(self.options.cdi_root)
         if text == self._cdi_text and (root / alloc.CDI_SPEC_FILE).exists():
             return
         try:
@@ -248,8 +273,11 @@ class NvidiaDriver(Driver):
         self._cdi_text = text
         self.log.info("CDI spec written: %s (%d devices)", path, len(spec["devices"]))
 
-    def _snapshot(self, by_resource: dict[str, list[Unit]], health: HealthView, transient: dict[str, str]) -> Snapshot:
+    def _snapshot(
+        self, by_resource: dict[str, list[Unit]], health: HealthView, transient: dict[str, str], control: tuple[str, ...]
+    ) -> Snapshot:
         monitored = "NVML events watched" if self._monitor is not None else "health checks off"
+        dev_dir = self.dev_dir
         snapshot: dict[str, list[Device]] = {}
         for resource, units in by_resource.items():
             devices = []
@@ -268,6 +296,7 @@ class NvidiaDriver(Driver):
                         health=Health.UNHEALTHY if problem else Health.HEALTHY,
                         reason=problem or f"{where}; {monitored}",
                         numa_nodes=unit.numa_nodes,
+                        edits=alloc.device_edits(unit, self._settings, dev_dir, control),
                     )
                 )
             snapshot[resource] = devices
@@ -275,24 +304,13 @@ class NvidiaDriver(Driver):
 
     # -- kubelet calls (event loop, no I/O) ----------------------------------------
 
-    def allocate(self, resource: str, device_ids: Sequence[str]) -> Allocation:
+    def allocate(self, resource: str, devices: Sequence[Device]) -> ContainerEdits:
         view = self.view
-        table = view.units.get(resource)
-        if table is None:
-            raise AllocationError(f"nvidia: unknown resource {resource!r}")
-        units = []
-        for device_id in device_ids:
-            unit = table.get(device_id)
-            if unit is None:
-                raise AllocationError(f"{resource}: unknown device {device_id!r}")
-            units.append(unit)
-        return alloc.build_allocation(
-            resource,
-            units,
+        return alloc.request_edits(
+            devices,
             replicated=resource in view.replicated,
             settings=self._settings,
-            dev_dir=self.dev_dir,
-            control_nodes=view.control_nodes,
+            cdi_names=view.cdi_names.get(resource, {}),
         )
 
     def preferred_allocation(
@@ -303,20 +321,18 @@ class NvidiaDriver(Driver):
         size: int,
     ) -> list[str]:
         view = self.view
-        table = view.units.get(resource, {})
-        pool = list(dict.fromkeys([*must_include, *available]))
-        if size >= len(pool):
-            return pool
-        replicated = resource in view.replicated
-        if replicated or any(u.mig is not None for u in table.values()):
+        if size >= len(available):  # the host checked: must_include is within available
+            return topology.in_id_order(available)
+        spread = view.spread.get(resource)
+        if spread is not None:
             return topology.spread_pick(
                 available,
                 must_include,
                 size,
-                group_of=lambda i: _group(table[i], replicated) if i in table else i,
-                capacity=view.capacity.get(resource, {}),
-                policy=self.opts.flags.plugin.shared_devices_allocation_policy,
-                group_order=view.group_order.get(resource, {}),
+                group_of=lambda i: spread.group_of.get(i, i),
+                capacity=spread.capacity,
+                policy=self.options.flags.plugin.shared_devices_allocation_policy,
+                group_order=spread.order,
             )
         scores = view.scores
         return topology.best_set(available, must_include, size, lambda a, b: scores.get((a, b), 0))
@@ -325,3 +341,11 @@ class NvidiaDriver(Driver):
 def _group(unit: Unit, replicated: bool) -> str:
     """Replicas spread over their physical device; MIG devices over their parent GPUs."""
     return unit.target_uuid if replicated else unit.gpu.uuid
+
+
+def _spread(units: Sequence[Unit], replicated: bool) -> Spread:
+    group_of = {unit.id: _group(unit, replicated) for unit in units}
+    capacity: dict[str, int] = {}
+    for group in group_of.values():
+        capacity[group] = capacity.get(group, 0) + 1
+    return Spread(group_of=group_of, capacity=capacity, order={group: i for i, group in enumerate(capacity)})

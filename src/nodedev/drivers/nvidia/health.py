@@ -281,7 +281,7 @@ class EventMonitor:
                 self._fail(f"{type(err).__name__}: {err}")
             now = self._clock()
             if now >= next_probe and self._event_set is not None:
-                self._probe()
+                self.probe()
                 next_probe = now + self._probe_interval
 
     def _step(self) -> None:
@@ -336,8 +336,11 @@ class EventMonitor:
         if changed:
             self._on_change()
 
-    def _probe(self) -> None:
-        """A cheap query that goes to the GPU; a lost GPU fails it with GPU_IS_LOST."""
+    def probe(self) -> None:
+        """One probe round, run by the thread every probe interval: retries event
+        registration, queries every GPU (a cheap call that reaches it; a lost GPU fails
+        with GPU_IS_LOST) and clears a faulted GPU that answers and has been quiet for
+        the quiet period. Public so the recovery rule can be tested on a fake clock."""
         nvml = self._nvml
         changed = False
         for uuid in sorted(self._unwatched):

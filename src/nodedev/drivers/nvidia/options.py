@@ -5,8 +5,9 @@ Layout decision: the section mirrors NVIDIA k8s-device-plugin's config file
 key spellings, so an existing NVIDIA config can be pasted under `drivers.nvidia`
 unchanged. There is one place for each key; NVIDIA's flags are *not* also
 accepted flat at the top of the section, so nobody has to guess which of two
-spellings wins. nodedev's own keys (`health`, `cdiRoot`, `procRoot`) sit at the
-top of the section, beside `flags` and `sharing`::
+spellings wins. nodedev's own keys (`health`, `cdiRoot`) sit at the top of the
+section, beside `flags` and `sharing`, with the `sysfsRoot`, `devRoot` and
+`procRoot` that every driver's section takes (`--simulate` sets them)::
 
     drivers:
       nvidia:
@@ -42,7 +43,7 @@ top of the section, beside `flags` and `sharing`::
           quietPeriodSeconds: 300                   # null: never recover (NVIDIA's behaviour)
           probeIntervalSeconds: 5
         cdiRoot: /var/run/cdi
-        procRoot: /proc
+        procRoot: null                    # where driver/nvidia/capabilities is; null = the host's /proc
 
 What NVIDIA accepts and nodedev refuses, so a pasted config fails loudly rather
 than silently behaving differently: `sharing.mps` (needs NVIDIA's MPS control
@@ -67,8 +68,26 @@ DEFAULT_IGNORED_XIDS: tuple[int, ...] = (13, 31, 43, 45, 68, 109)
 DEVICE_LIST_STRATEGIES = ("envvar", "volume-mounts", "cdi-annotations", "cdi-cri")
 CDI_STRATEGIES = frozenset({"cdi-annotations", "cdi-cri"})
 
+OWN_CDI_SPEC = "not used: nodedev writes its own CDI spec (cdiRoot) without the NVIDIA container toolkit"
+NVIDIA_IGNORES_IT = "NVIDIA's plugin strips it before use, so nodedev refuses it rather than pretend"
+
+
+def refuse_keys(data: Any, refused: dict[str, str]) -> Any:
+    """Raises for an NVIDIA key nodedev deliberately does not take, saying why, so a
+    pasted config fails with a reason instead of a bare "unknown key"."""
+    if isinstance(data, dict):
+        for key, why in refused.items():
+            if key in data:
+                raise ValueError(f"{key}: {why}")
+    return data
+
 
 class PluginFlags(ConfigSection):
+    @model_validator(mode="before")
+    @classmethod
+    def _refused(cls, data: Any) -> Any:
+        return refuse_keys(data, {"nvidiaCTKPath": OWN_CDI_SPEC, "containerDriverRoot": OWN_CDI_SPEC})
+
     pass_device_specs: bool = False
     """Also return the device nodes as DeviceSpecs, for kubelets with the static CPU manager."""
     device_list_strategy: str | list[str] = "envvar"
@@ -123,6 +142,11 @@ class Flags(ConfigSection):
 
 
 class ReplicatedResource(ConfigSection):
+    @model_validator(mode="before")
+    @classmethod
+    def _refused(cls, data: Any) -> Any:
+        return refuse_keys(data, {"rename": f"{NVIDIA_IGNORES_IT}; use renameByDefault", "devices": NVIDIA_IGNORES_IT})
+
     name: str
     replicas: int = Field(ge=2, le=1000)
     """NVIDIA requires at least 2; the cap keeps a typo from making ListAndWatch huge."""
@@ -177,14 +201,24 @@ class HealthOptions(ConfigSection):
 
 
 class NvidiaOptions(DriverOptions):
+    @model_validator(mode="before")
+    @classmethod
+    def _refused(cls, data: Any) -> Any:
+        return refuse_keys(
+            data,
+            {
+                "resources": "renaming GPUs and MIG profiles by pattern is not supported; "
+                "resources are nvidia.com/gpu and nvidia.com/mig-<profile>",
+                "imex": "IMEX channels are not supported by nodedev",
+            },
+        )
+
     version: Literal["v1"] = "v1"
     flags: Flags = Flags()
     sharing: Sharing = Sharing()
     health: HealthOptions = HealthOptions()
     cdi_root: str = "/var/run/cdi"
     """Where the CDI spec goes when a cdi-* device list strategy is used."""
-    proc_root: str = "/proc"
-    """Where `driver/nvidia/capabilities/...` tells the MIG capability device minors."""
 
     @model_validator(mode="after")
     def _mig_names_need_mixed(self) -> NvidiaOptions:

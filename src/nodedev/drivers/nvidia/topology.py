@@ -5,13 +5,17 @@ plus 100 per NVLink). NVIDIA enumerates every partition of the free GPUs, which
 took seconds to tens of seconds on 8 GPUs (their issue #774). Here the set is
 chosen directly: the highest-scoring set that contains the must-include IDs,
 ties broken by the weakest ties to the GPUs left behind (so a 1-GPU request
-takes the GPU whose NVLink partner is already gone rather than splitting a pair).
+takes the GPU whose NVLink partner is already gone rather than splitting a pair),
+then by ID. The kubelet lists the available IDs in no particular order (it walks
+a Go map), so every input is put in ID order first: the same free GPUs always
+give the same answer.
 For up to a few thousand candidate sets this is exact; beyond that, greedy
 growth plus pairwise swaps. NVML is read once per GPU set, never per call.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections import Counter
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nodedev.drivers.nvidia.discovery import GPU, normalize_bus_id
+from nodedev.drivers.nvidia.resources import REPLICA_SEPARATOR
 
 NVLINK_POINTS = 100
 LEVEL_POINTS: dict[int, int] = {
@@ -56,6 +61,20 @@ class Topology:
 
 
 EMPTY = Topology(links={})
+
+@functools.lru_cache(maxsize=1 << 14)
+def id_order(device_id: str) -> tuple[str, int, str]:
+    """Sort key for device IDs: by GPU or MIG UUID, then replicas of one device by number
+    (`<uuid>::2` before `<uuid>::10`); the ID itself settles anything left equal.
+    Cached: a node has a few thousand IDs at most, and every preferred allocation sorts them."""
+    physical, separator, replica = device_id.partition(REPLICA_SEPARATOR)
+    number = int(replica) if separator and replica.isdigit() else -1
+    return physical, number, device_id
+
+
+def in_id_order(ids: Sequence[str]) -> list[str]:
+    """Distinct IDs, sorted by `id_order`."""
+    return sorted(set(ids), key=id_order)
 
 
 def _nvlink_peers(nvml: Any, handle: Any, max_links: int) -> Counter[str]:
@@ -97,12 +116,13 @@ def best_set(
     """The `size` IDs out of `available` (plus `must_include`) with the highest pair-score sum.
 
     Ties go to the set with the least score towards the available IDs left out,
-    then to the earliest IDs in `available` order.
+    then to the lowest IDs; the order of the inputs makes no difference.
     """
-    required = list(dict.fromkeys(must_include))
+    required = in_id_order(must_include)
     if len(required) >= size:
         return required[:size]
-    pool = list(dict.fromkeys(required + [i for i in available if i not in set(required)]))
+    taken = set(required)
+    pool = required + [i for i in in_id_order(available) if i not in taken]
     if len(pool) <= size:
         return pool
     n = len(pool)
@@ -178,12 +198,13 @@ def spread_pick(
 
     `distributed` takes from the GPU with the fewest units in use, `packed` from the
     one with the most that still has some free; ties go to the GPU picked least in
-    this request, then to GPU order.
+    this request, then to GPU order. Within a GPU the lowest free ID goes first, so
+    the order of `available` makes no difference.
     """
-    chosen = list(dict.fromkeys(must_include))[:size]
+    chosen = in_id_order(must_include)[:size]
     taken = set(chosen)
     free: dict[str, list[str]] = {}
-    for device_id in available:
+    for device_id in in_id_order(available):
         if device_id not in taken:
             free.setdefault(group_of(device_id), []).append(device_id)
     in_use = {group: capacity.get(group, len(ids)) - len(ids) for group, ids in free.items()}
