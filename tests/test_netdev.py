@@ -1,10 +1,13 @@
-"""The netdev driver: selectors, claiming order, link types, NUMA, health and the
-Allocate env, on fixture sysfs trees and on real interfaces under the real /sys."""
+"""The netdev driver: selectors, claiming order, link types, NUMA, health, per-device
+edits, scans narrowed to the changed interfaces, and the uplink exclusion, on fixture
+trees, on real interfaces under the real /sys, and in private network namespaces."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -13,98 +16,70 @@ from pydantic import ValidationError
 
 from nodedev import config as nodedev_config
 from nodedev import drivers
-from nodedev.driver import Device, Health, HostContext, UdevMatch
-from nodedev.drivers.netdev import NetdevDriver, NetdevOptions, env_name, read_interface
-from tests.netif import NetIfs, netifs, wait_link  # noqa: F401  # netifs is a fixture
+from nodedev.driver import ContainerEdits, Device, Health, HostContext, Snapshot, UdevMatch
+from nodedev.drivers import netdev
+from nodedev.drivers.netdev import NetdevDriver, NetdevOptions, env_name
+from tests import netif
+from tests.netif import FixtureNet, NetIfs, NetNs, wait_link
 
-IFF_UP_BROADCAST_MULTICAST = 0x1003
-IFF_DOWN_BROADCAST_MULTICAST = 0x1002
+netifs = netif.netifs  # fixtures: pytest finds them by these names
+netns = netif.netns
 
-
-class Sysfs:
-    """A fixture tree shaped like /sys/class/net, with parent devices where asked."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.net = root / "class" / "net"
-        self.net.mkdir(parents=True)
-
-    def add(
-        self,
-        name: str,
-        *,
-        arphrd: int = 1,
-        operstate: str = "up",
-        up: bool = True,
-        carrier: bool = True,
-        driver: str | None = None,
-        numa: int | None = None,
-        lower: tuple[str, ...] = (),
-    ) -> None:
-        base = self.net / name
-        base.mkdir()
-        (base / "type").write_text(f"{arphrd}\n")
-        (base / "operstate").write_text(f"{operstate}\n")
-        (base / "flags").write_text(f"{hex(IFF_UP_BROADCAST_MULTICAST if up else IFF_DOWN_BROADCAST_MULTICAST)}\n")
-        if up:  # the kernel refuses to read `carrier` of a down link; leave it out as a reminder
-            (base / "carrier").write_text("1\n" if carrier else "0\n")
-        if driver is not None or numa is not None:
-            device = self.root / "devices" / "pci0000:00" / f"0000:00:{len(os.listdir(self.net)):02x}.0"
-            device.mkdir(parents=True)
-            if numa is not None:
-                (device / "numa_node").write_text(f"{numa}\n")
-            if driver is not None:
-                target = self.root / "bus" / "pci" / "drivers" / driver
-                target.mkdir(parents=True, exist_ok=True)
-                (device / "driver").symlink_to(target)
-            (base / "device").symlink_to(device)
-        for lower_name in lower:
-            (base / f"lower_{lower_name}").symlink_to(self.net / lower_name)
+ACTIONS = frozenset({"add", "remove", "move", "link"})
 
 
 @pytest.fixture
-def sysfs(tmp_path: Path) -> Sysfs:
-    return Sysfs(tmp_path / "sys")
-
-
-@pytest.fixture
-def proc_net(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty routing table by default, so the host's own default route stays out of fixture tests."""
-    path = tmp_path / "proc-net"
-    path.mkdir()
-    (path / "route").write_text("Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\tMTU\tWindow\tIRTT\n")
-    (path / "ipv6_route").write_text("")
-    monkeypatch.setattr(NetdevDriver, "proc_net", path)
-    return path
+def sysfs(tmp_path: Path) -> FixtureNet:
+    return FixtureNet(tmp_path)
 
 
 def driver(resources: list[dict[str, Any]], sysfs_root: Path, **options: Any) -> NetdevDriver:
+    """A driver on `sysfs_root`; routes from the real /proc with the real /sys, else from
+    the fixture proc tree beside it."""
     opts = NetdevOptions.model_validate({"enabled": True, "resourceList": resources, **options})
-    host = HostContext(sysfs_root=sysfs_root, dev_root=Path("/dev"), rescan=lambda: None, log=logging.getLogger("test.netdev"))
+    proc_root = Path("/proc") if sysfs_root == Path("/sys") else sysfs_root.parent / "proc"
+    host = HostContext(
+        sysfs_root=sysfs_root, dev_root=Path("/dev"), proc_root=proc_root, rescan=lambda: None, log=logging.getLogger("test.netdev")
+    )
     return NetdevDriver(opts, host)
 
 
-def ids(snapshot: Any, resource: str) -> list[str]:
+ALL = [{"resourceName": "all"}]
+
+
+def ids(snapshot: Snapshot, resource: str = "nodedev.io/all") -> list[str]:
     return [d.id for d in snapshot[resource]]
 
 
-def device(snapshot: Any, resource: str, name: str) -> Device:
+def device(snapshot: Snapshot, resource: str, name: str) -> Device:
     return next(d for d in snapshot[resource] if d.id == name)
+
+
+def count_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the interfaces the driver reads from now on, in order."""
+    seen: list[str] = []
+    real = netdev.read_interface
+
+    def counting(net: Path, name: str) -> netdev.Interface | None:
+        seen.append(name)
+        return real(net, name)
+
+    monkeypatch.setattr(netdev, "read_interface", counting)
+    return seen
 
 
 # -- selection -------------------------------------------------------------------
 
 
-def test_empty_selectors_offer_every_interface_but_loopback(sysfs: Sysfs, proc_net: Path) -> None:
+def test_empty_selectors_offer_every_interface_but_loopback(sysfs: FixtureNet) -> None:
     sysfs.add("lo", arphrd=772, operstate="unknown")
     sysfs.add("loop2", arphrd=772, operstate="unknown")  # a second loopback-type link
     sysfs.add("eth1")
     sysfs.add("ib0", arphrd=32)
-    snap = driver([{"resourceName": "all"}], sysfs.root).scan()
-    assert ids(snap, "nodedev.io/all") == ["eth1", "ib0"]
+    assert ids(driver(ALL, sysfs.root).scan()) == ["eth1", "ib0"]
 
 
-def test_selector_values_are_ored_and_keys_anded(sysfs: Sysfs, proc_net: Path) -> None:
+def test_selector_values_are_ored_and_keys_anded(sysfs: FixtureNet) -> None:
     sysfs.add("eth1", driver="ixgbe")
     sysfs.add("eth2", driver="mlx5_core")
     sysfs.add("eth3", driver="i40e")
@@ -115,7 +90,7 @@ def test_selector_values_are_ored_and_keys_anded(sysfs: Sysfs, proc_net: Path) -
     assert ids(snap, "nodedev.io/fast") == ["eth1", "eth2"]
 
 
-def test_an_interface_goes_to_the_first_entry_that_selects_it(sysfs: Sysfs, proc_net: Path) -> None:
+def test_an_interface_goes_to_the_first_entry_that_selects_it(sysfs: FixtureNet) -> None:
     for name in ("eth1", "eth2", "eth3"):
         sysfs.add(name)
     resources = [
@@ -129,14 +104,14 @@ def test_an_interface_goes_to_the_first_entry_that_selects_it(sysfs: Sysfs, proc
     assert ids(snap, "nodedev.io/never") == []  # served, with no devices
 
 
-def test_virtual_interfaces_never_match_a_drivers_selector(sysfs: Sysfs, proc_net: Path) -> None:
+def test_virtual_interfaces_never_match_a_drivers_selector(sysfs: FixtureNet) -> None:
     sysfs.add("veth0")  # no device/ link: a virtual interface
     sysfs.add("eth1", driver="virtio_net")
     snap = driver([{"resourceName": "nics", "selectors": {"drivers": ["virtio_net", "veth"]}}], sysfs.root).scan()
     assert ids(snap, "nodedev.io/nics") == ["eth1"]
 
 
-def test_link_types_by_name_or_number(sysfs: Sysfs, proc_net: Path) -> None:
+def test_link_types_by_name_or_number(sysfs: FixtureNet) -> None:
     sysfs.add("eth1")
     sysfs.add("ib0", arphrd=32)
     sysfs.add("tun0", arphrd=65534)
@@ -155,45 +130,261 @@ def test_link_types_by_name_or_number(sysfs: Sysfs, proc_net: Path) -> None:
     assert ids(snap, "nodedev.io/eth") == ["eth1"]
 
 
-def test_numa_node_comes_from_the_parent_device(sysfs: Sysfs, proc_net: Path) -> None:
+def test_numa_node_comes_from_the_parent_device(sysfs: FixtureNet) -> None:
     sysfs.add("eth0", driver="ice", numa=1)
     sysfs.add("eth1", driver="ice", numa=-1)
     sysfs.add("eth2", driver="ice")
     sysfs.add("veth9")
-    snap = driver([{"resourceName": "all"}], sysfs.root).scan()
+    snap = driver(ALL, sysfs.root).scan()
     assert [(d.id, d.numa_nodes) for d in snap["nodedev.io/all"]] == [("eth0", (1,)), ("eth1", ()), ("eth2", ()), ("veth9", ())]
 
 
-def test_no_class_net_directory_means_no_devices(tmp_path: Path, proc_net: Path) -> None:
-    assert driver([{"resourceName": "all"}], tmp_path / "empty").scan() == {"nodedev.io/all": []}
+def test_no_class_net_directory_means_no_devices(tmp_path: Path) -> None:
+    assert driver(ALL, tmp_path / "empty" / "sys").scan() == {"nodedev.io/all": []}
 
 
-def test_an_interface_vanishing_mid_scan_is_skipped(sysfs: Sysfs) -> None:
-    assert read_interface(sysfs.net, "gone0") is None
+def test_names_no_entry_can_select_are_never_read(sysfs: FixtureNet, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("eth1", "veth1", "veth2", "ens3"):
+        sysfs.add(name)
+    seen = count_reads(monkeypatch)
+    resources = [{"resourceName": "a", "selectors": {"ifNames": ["eth*"]}}, {"resourceName": "b", "selectors": {"ifNames": ["ens3"]}}]
+    snap = driver(resources, sysfs.root).scan()
+    assert (ids(snap, "nodedev.io/a"), ids(snap, "nodedev.io/b")) == (["eth1"], ["ens3"])
+    assert sorted(seen) == ["ens3", "eth1"]
+
+
+# -- an interface vanishing in the middle of a scan ---------------------------------------
+
+
+def vanish_at_driver_lookup(monkeypatch: pytest.MonkeyPatch, name: str, vanish: Any) -> list[str]:
+    """Calls `vanish()` once, when the scan looks up `name`'s driver link: after its
+    `type` was read and before its flags, operstate and carrier are."""
+    real_readlink = os.readlink
+    done: list[str] = []
+
+    def readlink(path: Any, *, dir_fd: int | None = None) -> str:
+        where = str(path) if dir_fd is None else os.path.join(real_readlink(f"/proc/self/fd/{dir_fd}"), str(path))
+        if not done and f"/{name}/" in where:
+            done.append(where)
+            vanish()
+        return real_readlink(path) if dir_fd is None else real_readlink(path, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "readlink", readlink)
+    return done
+
+
+@pytest.mark.parametrize("how", ["deleted", "renamed"])
+def test_an_interface_vanishing_mid_scan_is_dropped_not_offered_half_read(
+    sysfs: FixtureNet, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    for name in ("eth1", "eth2", "eth3"):
+        sysfs.add(name, up=False, operstate="down")
+    d = driver(ALL, sysfs.root)
+    vanish = (lambda: sysfs.remove("eth2")) if how == "deleted" else (lambda: sysfs.rename("eth2", "eth9"))
+    hit = vanish_at_driver_lookup(monkeypatch, "eth2", vanish)
+    assert ids(d.scan()) == ["eth1", "eth3"]
+    assert hit, "the scan never reached eth2"
+    monkeypatch.undo()
+    assert ids(d.scan(changed={"eth2", "eth9"})) == (["eth1", "eth3"] if how == "deleted" else ["eth1", "eth3", "eth9"])
+
+
+def test_a_real_interface_deleted_mid_scan_is_dropped(netifs: NetIfs, monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = netifs.veth()
+    hit = vanish_at_driver_lookup(monkeypatch, a, lambda: netifs.delete(a))  # takes its peer b along
+    found = mine(netifs, real_driver(netifs).scan())
+    assert hit, f"the scan never reached {a}"
+    assert a not in found  # b may be in: it is offered as read, if it was read before a
+
+
+# -- scans narrowed to the changed interfaces ---------------------------------------------
+
+
+@pytest.fixture
+def many(sysfs: FixtureNet) -> FixtureNet:
+    for i in range(200):
+        sysfs.add(f"eth{i:03d}")
+    return sysfs
+
+
+def same(a: Snapshot, b: Snapshot) -> bool:
+    """Equal devices and equal edits (Device equality leaves the edits out)."""
+    return a == b and all(x.edits == y.edits for r in a for x, y in zip(a[r], b[r], strict=True))
+
+
+def test_a_changed_scan_reads_only_the_named_interfaces_yet_returns_them_all(many: FixtureNet, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = driver(ALL, many.root)
+    assert len(ids(d.scan())) == 200
+    many.add("eth200")  # new
+    many.set("eth005", "operstate", "notpresent")  # changed
+    many.remove("eth007")  # removed
+    many.rename("eth009", "eth999")  # renamed: the event names both
+    seen = count_reads(monkeypatch)
+    snap = d.scan(changed={"eth200", "eth005", "eth007", "eth009", "eth999"})
+    assert sorted(seen) == ["eth005", "eth200", "eth999"]
+    assert same(snap, driver(ALL, many.root).scan())
+    names = ids(snap)
+    assert len(names) == 200 and "eth200" in names and "eth999" in names and "eth007" not in names and "eth009" not in names
+    assert device(snap, "nodedev.io/all", "eth005").health is Health.UNHEALTHY
+
+
+def test_interfaces_not_named_keep_what_was_read_before(many: FixtureNet, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = driver(ALL, many.root)
+    d.scan()
+    many.set("eth003", "operstate", "notpresent")  # no event named it (yet)
+    seen = count_reads(monkeypatch)
+    assert device(d.scan(changed={"eth001"}), "nodedev.io/all", "eth003").health is Health.HEALTHY
+    assert seen == ["eth001"]
+    assert device(d.scan(), "nodedev.io/all", "eth003").health is Health.UNHEALTHY  # None: read everything
+    assert len(seen) == 1 + 200
+
+
+def test_interfaces_appearing_or_vanishing_unnamed_are_still_listed(many: FixtureNet, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = driver(ALL, many.root)
+    d.scan()
+    many.add("eth500")
+    many.remove("eth002")
+    seen = count_reads(monkeypatch)
+    names = ids(d.scan(changed=set()))
+    assert seen == ["eth500"]
+    assert "eth500" in names and "eth002" not in names and len(names) == 200
+
+
+def test_nothing_changed_reads_nothing_and_gives_the_same_snapshot(many: FixtureNet, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = driver(ALL, many.root)
+    first = d.scan()
+    seen = count_reads(monkeypatch)
+    assert same(d.scan(changed=set()), first)
+    assert seen == []
+
+
+def test_the_first_scan_reads_everything_whatever_it_is_told(sysfs: FixtureNet, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("eth1", "eth2", "eth3"):
+        sysfs.add(name)
+    seen = count_reads(monkeypatch)
+    assert ids(driver(ALL, sysfs.root).scan(changed={"eth2"})) == ["eth1", "eth2", "eth3"]
+    assert sorted(seen) == ["eth1", "eth2", "eth3"]
+
+
+def test_the_uplink_exclusion_is_recomputed_at_every_scan_without_rereading(sysfs: FixtureNet, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("eth1", "eth2", "eth3", "eth4"):
+        sysfs.add(name)
+    sysfs.add("br0", lower=("eth1",))
+    d = driver(ALL, sysfs.root)
+    assert ids(d.scan()) == ["br0", "eth1", "eth2", "eth3", "eth4"]
+    seen = count_reads(monkeypatch)
+    sysfs.routes(ipv4_default=["br0"])  # a default route appears: no link event at all
+    assert ids(d.scan(changed=set())) == ["eth2", "eth3", "eth4"]
+    (sysfs.net / "br0" / "lower_eth3").symlink_to(sysfs.net / "eth3")  # eth3 joins the uplink bridge
+    assert ids(d.scan(changed={"eth3"})) == ["eth2", "eth4"]
+    sysfs.routes()
+    assert ids(d.scan(changed=set())) == ["br0", "eth1", "eth2", "eth3", "eth4"]
+    assert seen == ["eth3"]
+
+
+def test_a_real_changed_scan_reads_only_the_new_pair(netifs: NetIfs, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = real_driver(netifs)
+    first, _ = netifs.veth()
+    d.scan()
+    a, b = netifs.veth()
+    seen = count_reads(monkeypatch)
+    assert set(mine(netifs, d.scan(changed={a, b}))) == {first, _, a, b}
+    assert sorted(seen) == sorted([a, b])
+
+
+def test_one_interface_added_among_1000_real_ones_costs_one_read(netifs: NetIfs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hotplug benchmark's shape: 1,000 ifb interfaces made in `ip -batch` bursts."""
+    group = 1000 + secrets.randbelow(60000)
+    made = netifs.ifbs(1000, group=group)
+    d = real_driver(netifs)
+    assert set(mine(netifs, d.scan())) == set(made)
+    (extra,) = netifs.ifbs(1)
+    seen = count_reads(monkeypatch)
+    assert set(mine(netifs, d.scan(changed={extra}))) == {*made, extra}
+    assert seen == [extra]
+    netifs.delete_group(group)
+    assert set(mine(netifs, d.scan(changed=set(made)))) == {extra}
+    assert not any(netif.exists(name) for name in made)
 
 
 # -- the node's own uplink ---------------------------------------------------------
 
-ROUTE_HEADER = "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\tMTU\tWindow\tIRTT\n"
 
-
-def test_interfaces_carrying_a_default_route_and_their_lower_devices_are_never_offered(sysfs: Sysfs, proc_net: Path) -> None:
-    (proc_net / "route").write_text(
-        ROUTE_HEADER
-        + "bond0\t00000000\t010200C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n"
-        + "eth9\t000200C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n"  # not a default route
-    )
-    (proc_net / "ipv6_route").write_text(
-        "00000000000000000000000000000000 00 00000000000000000000000000000000 00 fd000000000000000000000000000001 00000400 00000002 00000000 00000003     ens7\n"
-        "fd000000000000000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001     eth9\n"
-    )
+def test_interfaces_carrying_a_default_route_and_their_lower_devices_are_never_offered(sysfs: FixtureNet) -> None:
+    sysfs.routes(ipv4_default=["bond0"], ipv6_default=["ens7"])
+    with (sysfs.proc_net / "route").open("a") as table:  # not a default route
+        table.write("eth9\t000200C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n")
     for name in ("eth1", "eth2", "eth3", "eth9", "ens7"):
         sysfs.add(name)
     sysfs.add("bond0", lower=("eth1", "eth2"))
-    snap = driver([{"resourceName": "all"}], sysfs.root).scan()
-    assert ids(snap, "nodedev.io/all") == ["eth3", "eth9"]
-    snap = driver([{"resourceName": "all"}], sysfs.root, excludeDefaultRoute=False).scan()
-    assert ids(snap, "nodedev.io/all") == ["bond0", "ens7", "eth1", "eth2", "eth3", "eth9"]
+    assert ids(driver(ALL, sysfs.root).scan()) == ["eth3", "eth9"]
+    assert ids(driver(ALL, sysfs.root, excludeDefaultRoute=False).scan()) == ["bond0", "ens7", "eth1", "eth2", "eth3", "eth9"]
+
+
+NETNS_SCAN = """
+import json, logging
+from pathlib import Path
+from nodedev.driver import HostContext
+from nodedev.drivers.netdev import NetdevDriver, NetdevOptions
+options = NetdevOptions.model_validate({"enabled": True, "resourceList": [{"resourceName": "all"}]})
+host = HostContext(sysfs_root=Path("/sys"), dev_root=Path("/dev"), proc_root=Path("/proc"), rescan=lambda: None, log=logging.getLogger("x"))
+print(json.dumps([d.id for d in NetdevDriver(options, host).scan()["nodedev.io/all"]]))
+"""
+
+TOPOLOGIES = {
+    "bridge": (["link add br0 type bridge", "link set va master br0", "link set br0 up"], "br0"),
+    "vlan": (["link add link va name va.100 type vlan id 100", "link set va.100 up"], "va.100"),
+    "macvlan": (["link add link va name mv0 type macvlan mode bridge", "link set mv0 up"], "mv0"),
+    "vlan-on-bridge": (
+        ["link add br0 type bridge", "link set va master br0", "link set br0 up"]
+        + ["link add link br0 name br0.7 type vlan id 7", "link set br0.7 up"],
+        "br0.7",
+    ),
+    "macvlan-on-bridge": (
+        ["link add br0 type bridge", "link set va master br0", "link set br0 up"]
+        + ["link add link br0 name mv0 type macvlan mode bridge", "link set mv0 up"],
+        "mv0",
+    ),
+}
+
+
+@pytest.mark.parametrize("family", ["0.0.0.0/0", "::/0"], ids=["ipv4", "ipv6"])
+@pytest.mark.parametrize("topology", sorted(TOPOLOGIES))
+def test_the_uplink_under_a_bridge_or_vlan_is_never_offered_with_its_lower_devices(netns: NetNs, topology: str, family: str) -> None:
+    """In a namespace of its own, with a default route the test controls: the real
+    /proc/net route tables and the real `lower_*` links of /sys, read by the driver.
+    va is the uplink's lowest device; its peer vb and the pair vc/vd are offered."""
+    commands, uplink = TOPOLOGIES[topology]
+    netns.batch(["link add va type veth peer name vb", "link add vc type veth peer name vd", "link set va up", "link set vb up"])
+    try:
+        netns.batch(commands)
+    except RuntimeError as err:
+        if "Unknown device type" in str(err):
+            pytest.skip(f"this kernel cannot make the links of {topology!r}: {err}")
+        raise
+    netns.batch([f"route add {family} dev {uplink}"])
+    assert json.loads(netns.run_python(NETNS_SCAN)) == ["vb", "vc", "vd"]
+    netns.ip("route", "del", family, "dev", uplink)
+    assert uplink in json.loads(netns.run_python(NETNS_SCAN))
+
+
+def test_a_vlan_uplink_over_a_bridge_excludes_the_whole_stack_in_a_fixture(sysfs: FixtureNet) -> None:
+    """The sysfs shape the kernel gives a VLAN on a bridge (for kernels built without
+    802.1Q, where the namespace test above is skipped): each upper device has a
+    `lower_<name>` link to the device below it."""
+    for name in ("va", "vb", "vc"):
+        sysfs.add(name)
+    sysfs.add("br0", lower=("va",))
+    sysfs.add("br0.7", lower=("br0",))
+    sysfs.routes(ipv6_default=["br0.7"])
+    assert ids(driver(ALL, sysfs.root).scan()) == ["vb", "vc"]
+
+
+def test_the_hosts_default_route_interface_is_not_offered() -> None:
+    uplinks = [line.split()[0] for line in Path("/proc/net/route").read_text().splitlines()[1:] if line.split()[1] == "00000000"]
+    if not uplinks:
+        pytest.skip("this host has no IPv4 default route")
+    snap = driver(ALL, Path("/sys")).scan()
+    assert not set(uplinks) & set(ids(snap))
 
 
 # -- health ----------------------------------------------------------------------
@@ -207,38 +398,79 @@ def test_interfaces_carrying_a_default_route_and_their_lower_devices_are_never_o
         ({"operstate": "down", "up": False}, Health.HEALTHY, "eth1: administratively down, carrier not checked"),
         ({"operstate": "down", "carrier": False}, Health.UNHEALTHY, "eth1: link is up but has no carrier (operstate down)"),
         ({"operstate": "notpresent"}, Health.UNHEALTHY, "eth1: operstate notpresent (hardware missing)"),
-        ({"operstate": "lowerlayerdown", "carrier": False}, Health.UNHEALTHY, "eth1: operstate lowerlayerdown (its lower device or peer is down)"),
+        (
+            {"operstate": "lowerlayerdown", "carrier": False},
+            Health.UNHEALTHY,
+            "eth1: operstate lowerlayerdown (its lower device or peer is down)",
+        ),
         ({"operstate": "dormant"}, Health.HEALTHY, "eth1: operstate dormant"),
     ],
 )
 def test_health_follows_what_a_pod_taking_the_link_would_get(
-    sysfs: Sysfs, proc_net: Path, state: dict[str, Any], expected: Health, reason: str
+    sysfs: FixtureNet, state: dict[str, Any], expected: Health, reason: str
 ) -> None:
     sysfs.add("eth1", **state)
-    dev = device(driver([{"resourceName": "all"}], sysfs.root).scan(), "nodedev.io/all", "eth1")
+    dev = device(driver(ALL, sysfs.root).scan(), "nodedev.io/all", "eth1")
     assert (dev.health, dev.reason) == (expected, reason)
 
 
-# -- allocate, names, config -----------------------------------------------------------
+# -- edits, events, watched paths, config -----------------------------------------------------
 
 
-def test_allocate_names_every_interface_in_one_env(sysfs: Sysfs, proc_net: Path) -> None:
-    d = driver([{"resourceName": "fast-nic", "resourcePrefix": "example.com"}, {"resourceName": "ib_ports"}], sysfs.root)
-    assert d.allocate("example.com/fast-nic", ["eth1", "eth2"]).envs == {"NETDEV_EXAMPLE_COM_FAST_NIC": "eth1,eth2"}
-    assert d.allocate("nodedev.io/ib_ports", ["ib0"]).envs == {"NETDEV_NODEDEV_IO_IB_PORTS": "ib0"}
+def test_each_interface_carries_its_env_and_a_request_joins_them(sysfs: FixtureNet) -> None:
+    for name in ("eth1", "eth2"):
+        sysfs.add(name)
+    sysfs.add("ib0", arphrd=32)
+    resources = [
+        {"resourceName": "fast-nic", "resourcePrefix": "example.com", "selectors": {"linkTypes": ["ether"]}},
+        {"resourceName": "ib_ports"},
+    ]
+    d = driver(resources, sysfs.root)
+    snap = d.scan()
+    eth1, eth2 = snap["example.com/fast-nic"]
+    assert eth1.edits == ContainerEdits(envs={"NETDEV_EXAMPLE_COM_FAST_NIC": "eth1"})
+    merged = ContainerEdits.merge([eth2.edits, eth1.edits], d.allocate("example.com/fast-nic", [eth2, eth1]))
+    assert merged == ContainerEdits(envs={"NETDEV_EXAMPLE_COM_FAST_NIC": "eth2,eth1"})
+    assert snap["nodedev.io/ib_ports"][0].edits == ContainerEdits(envs={"NETDEV_NODEDEV_IO_IB_PORTS": "ib0"})
+    assert not NetdevDriver.implements("allocate")
     assert env_name("a.b-c/d.e-f") == "NETDEV_A_B_C_D_E_F"
 
 
 def test_declared_resources_use_the_default_prefix() -> None:
-    opts = NetdevOptions.model_validate({"enabled": True, "resourceList": [{"resourceName": "a"}, {"resourceName": "b", "resourcePrefix": "x.io"}]})
+    resource_list = [{"resourceName": "a"}, {"resourceName": "b", "resourcePrefix": "x.io"}]
+    opts = NetdevOptions.model_validate({"enabled": True, "resourceList": resource_list})
     assert NetdevDriver.declared_resources(opts) == ["nodedev.io/a", "x.io/b"]
 
 
-def test_udev_matches_narrow_to_the_configured_names(tmp_path: Path) -> None:
-    named = driver([{"resourceName": "a", "selectors": {"ifNames": ["eth*", "ens1"]}}, {"resourceName": "b", "selectors": {"ifNames": ["eth*"]}}], tmp_path)
-    assert list(named.udev_matches()) == [UdevMatch("net", "eth*"), UdevMatch("net", "ens1")]
-    broad = driver([{"resourceName": "a", "selectors": {"ifNames": ["eth*"]}}, {"resourceName": "b", "selectors": {"drivers": ["ice"]}}], tmp_path)
-    assert list(broad.udev_matches()) == [UdevMatch("net")]
+def test_udev_matches_narrow_to_the_configured_names_and_to_what_changes_a_link(tmp_path: Path) -> None:
+    entries = [{"resourceName": "a", "selectors": {"ifNames": ["eth*", "ens1"]}}, {"resourceName": "b", "selectors": {"ifNames": ["eth*"]}}]
+    named = driver(entries, tmp_path)
+    assert list(named.udev_matches()) == [UdevMatch("net", "eth*", actions=ACTIONS), UdevMatch("net", "ens1", actions=ACTIONS)]
+    broad = driver(
+        [{"resourceName": "a", "selectors": {"ifNames": ["eth*"]}}, {"resourceName": "b", "selectors": {"drivers": ["ice"]}}], tmp_path
+    )
+    assert list(broad.udev_matches()) == [UdevMatch("net", actions=ACTIONS)]
+
+
+def test_a_fixture_tree_is_watched_where_the_scan_read_it(sysfs: FixtureNet) -> None:
+    for name in ("eth1", "eth2"):
+        sysfs.add(name)
+    d = driver([{"resourceName": "a", "selectors": {"ifNames": ["eth*"]}}], sysfs.root)
+    d.scan()
+    assert list(d.watch_paths()) == [sysfs.net, sysfs.net / "eth1", sysfs.net / "eth2", sysfs.proc_net]
+    sysfs.remove("eth2")
+    sysfs.add("ens3")  # no entry can take it: not read, not watched
+    d.scan()
+    assert list(d.watch_paths()) == [sysfs.net, sysfs.net / "eth1", sysfs.proc_net]
+    d = driver(ALL, sysfs.root, excludeDefaultRoute=False)
+    d.scan()
+    assert list(d.watch_paths()) == [sysfs.net, sysfs.net / "ens3", sysfs.net / "eth1"]
+
+
+def test_the_real_sys_and_proc_are_not_watched() -> None:
+    d = driver(ALL, Path("/sys"))
+    d.scan()
+    assert list(d.watch_paths()) == []
 
 
 @pytest.mark.parametrize(
@@ -285,6 +517,7 @@ def test_options_reject_wrong_types() -> None:
         NetdevOptions.model_validate({"resourceList": [{"resourceName": 5}]})
 
 
+
 # -- real interfaces under the real /sys -----------------------------------------------
 
 
@@ -292,7 +525,7 @@ def real_driver(netifs: NetIfs) -> NetdevDriver:
     return driver([{"resourceName": "test", "selectors": {"ifNames": [f"{netifs.prefix}*"]}}], Path("/sys"))
 
 
-def mine(netifs: NetIfs, snapshot: Any) -> dict[str, Device]:
+def mine(netifs: NetIfs, snapshot: Snapshot) -> dict[str, Device]:
     return {d.id: d for d in snapshot["nodedev.io/test"] if d.id in netifs.made}
 
 
@@ -337,11 +570,3 @@ def test_real_macvlan_is_unhealthy_while_its_parent_is_down(netifs: NetIfs) -> N
     assert "lowerlayerdown" in mine(netifs, d.scan())[mac].reason
     netifs.up(parent, peer)
     wait_link(lambda: mine(netifs, d.scan())[mac].health is Health.HEALTHY, f"{mac} healthy once its parent is up")
-
-
-def test_the_hosts_default_route_interface_is_not_offered() -> None:
-    uplinks = [line.split()[0] for line in Path("/proc/net/route").read_text().splitlines()[1:] if line.split()[1] == "00000000"]
-    if not uplinks:
-        pytest.skip("this host has no IPv4 default route")
-    snap = driver([{"resourceName": "all"}], Path("/sys")).scan()
-    assert not set(uplinks) & set(ids(snap, "nodedev.io/all"))

@@ -7,6 +7,7 @@ not enable the NVIDIA driver never loads NVML bindings.
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 from nodedev.driver import Driver
 
@@ -19,6 +20,10 @@ NAMES: dict[str, str] = {
 }
 
 
-def load(name: str) -> type[Driver]:
-    module, _, cls = NAMES[name].partition(":")
-    return getattr(importlib.import_module(module), cls)
+def load(name: str) -> type[Driver[Any]]:
+    """The class registered as `name`; a registry entry that names no Driver is a bug, said so."""
+    module, _, attr = NAMES[name].partition(":")
+    cls = getattr(importlib.import_module(module), attr)
+    if not (isinstance(cls, type) and issubclass(cls, Driver)):
+        raise TypeError(f"drivers.NAMES[{name!r}] = {NAMES[name]!r} is not a Driver subclass")
+    return cls

@@ -4,13 +4,21 @@ KubeVirt advertises /dev/kvm, /dev/net/tun and /dev/vhost-net as `maxDevices`
 identical IDs (`kvm0`, `kvm1`, ...) under `devices.kubevirt.io/<name>`, so many
 VMs on one node can each request one. We keep the same resource names and ID
 shapes so existing VirtualMachine specs schedule unchanged when nodedev replaces
-those plugins. Every ID stands for the same node, so all IDs share one health.
+those plugins. Every ID stands for the same node, so all IDs share one health
+and one `ContainerEdits`: the host merges the node into a request once however
+many IDs it names.
+
+A node is Healthy only if it is what it claims to be: a character device inside
+the dev root. Anything else at that path (a regular file, a directory, a
+socket, a symlink to /etc/hostname) would be handed to containers read-write,
+so it is Unhealthy with a reason that says what was found instead.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+import stat
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -18,8 +26,7 @@ from pydantic import Field
 
 from nodedev import native
 from nodedev.driver import (
-    Allocation,
-    AllocationError,
+    ContainerEdits,
     Device,
     DeviceNode,
     Driver,
@@ -31,6 +38,10 @@ from nodedev.driver import (
 )
 
 RESOURCE_DOMAIN = "devices.kubevirt.io"
+
+NODE_ACTIONS = frozenset({"add", "remove"})
+"""A misc node's health changes only when it appears or goes (module load/unload);
+`change` uevents (udev re-applying permissions) need no rescan."""
 
 
 class DevNodeOptions(DriverOptions):
@@ -50,7 +61,57 @@ def _kvm_check(path: Path) -> tuple[bool, str]:
     return True, f"{path} present, KVM API {version}"
 
 
-class DevNodeDriver(Driver):
+_FILE_KINDS: tuple[tuple[Callable[[int], bool], str], ...] = (
+    (stat.S_ISREG, "a regular file"),
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISFIFO, "a named pipe"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def file_kind(mode: int) -> str:
+    """What a non-character file is, in the words a reason uses."""
+    for test, words in _FILE_KINDS:
+        if test(mode):
+            return words
+    return f"a file of type {stat.S_IFMT(mode):#o}"
+
+
+def _outside(path: Path, root: Path) -> str | None:
+    """Where `path` really is, if that is outside `root` (through a symlink on the
+    node or on a directory above it); else None.
+
+    A node that resolves outside the dev root is not the kernel's node but some
+    other file (/etc/hostname, a host socket) that containers would get read-write.
+    """
+    real_root = os.path.realpath(root)
+    target = os.path.realpath(path)
+    if os.path.commonpath([real_root, target]) == real_root:
+        return None
+    return target
+
+
+def node_problem(path: Path, root: Path) -> str | None:
+    """Why `path` is not a usable character device under `root`, or None if it is."""
+    try:
+        outside = _outside(path, root)
+        if outside is not None:
+            how = "is a symlink to" if path.is_symlink() else "resolves to"
+            return f"{path} {how} {outside}, outside {root}"
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if path.is_symlink():
+            return f"{path} is a symlink to {os.readlink(path)}, which is missing"
+        return f"{path} is missing"
+    except OSError as err:
+        return f"cannot stat {path}: [Errno {err.errno}] {err.strerror}"
+    if not stat.S_ISCHR(mode):
+        return f"{path} is {file_kind(mode)}, not a character device"
+    return None
+
+
+class DevNodeDriver(Driver[DevNodeOptions]):
     """One device node offered as `shares` identical IDs; subclasses only set the data."""
 
     Options: ClassVar[type[DriverOptions]] = DevNodeOptions
@@ -59,20 +120,19 @@ class DevNodeDriver(Driver):
     """Path of the node relative to the dev root, and under /dev in the container."""
     kernel_name: ClassVar[str]
     """The misc device's kernel name, which its uevents carry."""
-    extra_check: ClassVar[Callable[[Path], tuple[bool, str]] | None] = None
-    """Beyond existence: (healthy, reason) for a node that is there."""
 
-    def __init__(self, options: DriverOptions, host: HostContext) -> None:
+    def __init__(self, options: DevNodeOptions, host: HostContext) -> None:
         super().__init__(options, host)
-        shares = options.shares if isinstance(options, DevNodeOptions) else DevNodeOptions().shares
-        self._ids = tuple(f"{self.name}{i}" for i in range(shares))
+        self._ids = tuple(f"{self.name}{i}" for i in range(options.shares))
+        node = DeviceNode(host_path=str(self.host_path), container_path=f"/dev/{self.node}", permissions="rw")
+        self._edits = ContainerEdits(devices=(node,))
 
     @classmethod
     def resource(cls) -> str:
         return f"{RESOURCE_DOMAIN}/{cls.name}"
 
     @classmethod
-    def declared_resources(cls, options: DriverOptions) -> list[str]:
+    def declared_resources(cls, options: DevNodeOptions) -> list[str]:
         return [cls.resource()]
 
     @property
@@ -81,32 +141,24 @@ class DevNodeDriver(Driver):
 
     def _health(self) -> tuple[Health, str]:
         path = self.host_path
-        try:
-            os.stat(path)
-        except FileNotFoundError:
-            return Health.UNHEALTHY, f"{path} is missing"
-        except OSError as err:
-            return Health.UNHEALTHY, f"cannot stat {path}: [Errno {err.errno}] {err.strerror}"
-        check = type(self).extra_check
-        if check is None:
-            return Health.HEALTHY, f"{path} present"
-        healthy, reason = check(path)
+        problem = node_problem(path, self.host.dev_root)
+        if problem is not None:
+            return Health.UNHEALTHY, problem
+        healthy, reason = self.check(path)
         return (Health.HEALTHY if healthy else Health.UNHEALTHY), reason
 
-    def scan(self) -> Snapshot:
+    def check(self, path: Path) -> tuple[bool, str]:
+        """Beyond being a character device: (healthy, reason). Most nodes need no more."""
+        return True, f"{path} present"
+
+    def scan(self, changed: Collection[str] | None = None) -> Snapshot:
+        """One node, one health: `changed` cannot narrow anything, so it is not read."""
         health, reason = self._health()
-        devices = [Device(id=device_id, health=health, reason=reason) for device_id in self._ids]
+        devices = [Device(id=device_id, health=health, reason=reason, edits=self._edits) for device_id in self._ids]
         return {self.resource(): devices}
 
-    def allocate(self, resource: str, device_ids: Sequence[str]) -> Allocation:
-        """Any number of IDs still means the one node: the container gets it once."""
-        if resource != self.resource():
-            raise AllocationError(f"{self.name}: unknown resource {resource!r}")
-        node = DeviceNode(host_path=str(self.host_path), container_path=f"/dev/{self.node}", permissions="rw")
-        return Allocation(devices=[node])
-
     def udev_matches(self) -> Sequence[UdevMatch]:
-        return (UdevMatch("misc", self.kernel_name),)
+        return (UdevMatch("misc", self.kernel_name, actions=NODE_ACTIONS),)
 
     def watch_paths(self) -> Sequence[Path]:
         return (self.host_path.parent,)
@@ -116,7 +168,9 @@ class KvmDriver(DevNodeDriver):
     name = "kvm"
     node = "kvm"
     kernel_name = "kvm"
-    extra_check = staticmethod(_kvm_check)
+
+    def check(self, path: Path) -> tuple[bool, str]:
+        return _kvm_check(path)
 
 
 class TunDriver(DevNodeDriver):

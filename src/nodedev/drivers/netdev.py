@@ -19,7 +19,9 @@ missing key matches every interface.
 
 Never offered: `lo`, and by default (`excludeDefaultRoute`) the interfaces that
 carry a default route together with their lower devices (bond and bridge
-members, a VLAN's parent): handing one to a pod would cut the node off.
+members, a VLAN's or macvlan's parent, transitively): handing one to a pod would
+cut the node off. Routes come from `<procRoot>/net/route` and `ipv6_route`, read
+at every scan, because a default route moving sends no link event.
 
 Health, chosen for what a pod taking the interface needs:
   * Unhealthy when operstate is `notpresent` (the driver says the hardware is
@@ -44,7 +46,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -52,8 +54,8 @@ from typing import ClassVar
 from pydantic import field_validator, model_validator
 
 from nodedev.driver import (
-    Allocation,
     ConfigSection,
+    ContainerEdits,
     Device,
     Driver,
     DriverOptions,
@@ -67,6 +69,9 @@ DEFAULT_PREFIX = "nodedev.io"
 ENV_PREFIX = "NETDEV_"
 _RESOURCE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 IFF_UP = 0x1
+NET_ACTIONS = frozenset({"add", "remove", "move", "link"})
+"""What changes an interface's presence, name or health: `move` is a rename, `link`
+an rtnetlink message (carrier, up/down). A net `change` uevent carries neither."""
 
 LINK_TYPES: dict[int, str] = {
     0: "netrom",
@@ -192,30 +197,73 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def read_interface(net: Path, name: str) -> Interface | None:
-    """None if the interface vanished while being read (a scan racing a removal)."""
-    base = net / name
-    type_text = _read(base / "type")
-    if type_text is None:
-        return None
-    device = base / "device"
+def _read_at(directory: int, name: str) -> str | None:
+    """One small sysfs file, relative to an open directory; None if it cannot be read
+    (absent, or `carrier` of a down link, which the kernel answers with EINVAL)."""
     try:
-        driver: str | None = os.path.basename(os.readlink(device / "driver"))
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=directory)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, 4096).decode(errors="replace").strip()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def read_interface(net: Path, name: str) -> Interface | None:
+    """Reads one interface; None if it vanished (or was renamed away) while being read.
+
+    Every file is read through one descriptor of the interface's directory, so all
+    values come from the same interface even if another one takes the name
+    meanwhile. At the end the name must still lead to that directory: a scan
+    racing a removal must drop the interface, not offer one whose later files
+    could not be read (operstate "unknown", no carrier) as Healthy.
+    """
+    try:
+        directory = os.open(net / name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        iface = _read_open_interface(directory, name)
+        if iface is None or not _still_named(net / name, directory):
+            return None
+        return iface
+    finally:
+        os.close(directory)
+
+
+def _read_open_interface(directory: int, name: str) -> Interface | None:
+    arphrd = _int(_read_at(directory, "type"))
+    if arphrd is None:
+        return None
+    try:
+        driver: str | None = os.path.basename(os.readlink("device/driver", dir_fd=directory))
     except OSError:
         driver = None  # a virtual interface, or no driver bound to its device
-    numa = _int(_read(device / "numa_node"))
-    admin_up = bool((_int(_read(base / "flags")) or 0) & IFF_UP)
-    carrier_text = _read(base / "carrier") if admin_up else None
-    arphrd = _int(type_text)
+    numa = _int(_read_at(directory, "device/numa_node"))
+    admin_up = bool((_int(_read_at(directory, "flags")) or 0) & IFF_UP)
+    carrier_text = _read_at(directory, "carrier") if admin_up else None
+    operstate = _read_at(directory, "operstate")
     return Interface(
         name=name,
-        arphrd=-1 if arphrd is None else arphrd,
+        arphrd=arphrd,
         driver=driver,
         numa_node=numa if numa is not None and numa >= 0 else None,
-        operstate=_read(base / "operstate") or "unknown",
+        operstate=operstate or "unknown",
         admin_up=admin_up,
         carrier=None if carrier_text is None else carrier_text == "1",
     )
+
+
+def _still_named(path: Path, directory: int) -> bool:
+    """Whether `path` still leads to the open `directory` (not gone, not renamed away)."""
+    try:
+        now, opened = os.stat(path), os.fstat(directory)
+    except OSError:
+        return False
+    return (now.st_dev, now.st_ino) == (opened.st_dev, opened.st_ino)
 
 
 def _int(text: str | None) -> int | None:
@@ -286,61 +334,152 @@ def with_lower_devices(net: Path, names: set[str]) -> set[str]:
     return result
 
 
-class NetdevDriver(Driver):
+def filesystem_type(path: Path, mountinfo: Path = Path("/proc/self/mountinfo")) -> str | None:
+    """The type of the file system `path` is on (`sysfs`, `proc`, `tmpfs`), from this
+    process's mount table; None if that cannot be read."""
+    target = os.path.realpath(path)
+    best, best_type = "", None
+    for line in (_read(mountinfo) or "").splitlines():
+        before, _, after = line.partition(" - ")
+        fields, types = before.split(), after.split()
+        if len(fields) < 5 or not types:
+            continue
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, best_type = point, types[0]
+    return best_type
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """One interface as last read, and what it became: its resource and device, if any."""
+
+    iface: Interface
+    resource: str | None
+    device: Device | None
+
+
+class NetdevDriver(Driver[NetdevOptions]):
+    """Interfaces under `<sysfsRoot>/class/net`; default routes from `<procRoot>/net`.
+
+    Each scan lists class/net (one directory read, cheap even with thousands of
+    interfaces) and reads the interfaces in `changed`, the ones that appeared in
+    the listing, and all of them when `changed` is None. Everything else is
+    reused from the previous scan, so one interface added among 1,000 costs one
+    interface's reads. The listing also drops interfaces that vanished without
+    an event naming them. The exclusion of default-route interfaces is
+    recomputed every scan from the route table (a route moves without any link
+    event) and the few `lower_*` links below those interfaces.
+    """
+
     name = "netdev"
     Options: ClassVar[type[DriverOptions]] = NetdevOptions
 
-    proc_net: ClassVar[Path] = Path("/proc/net")
-    """Where the default routes are read; tests point it at a fixture."""
-
-    def __init__(self, options: DriverOptions, host: HostContext) -> None:
+    def __init__(self, options: NetdevOptions, host: HostContext) -> None:
         super().__init__(options, host)
-        assert isinstance(options, NetdevOptions)
         self._resources = tuple(options.resource_list)
         self._exclude_default_route = options.exclude_default_route
         self._env = {r.full_name: env_name(r.full_name) for r in self._resources}
+        self._globs = _name_globs(self._resources)
+        self._entries: dict[str, _Entry] = {}
+        self._read_all_once = False
+        self._watch: tuple[Path, ...] = ()
+        self._fixture_sysfs: bool | None = None
+        self._fixture_proc: bool | None = None
 
     @classmethod
-    def declared_resources(cls, options: DriverOptions) -> list[str]:
-        assert isinstance(options, NetdevOptions)
+    def declared_resources(cls, options: NetdevOptions) -> list[str]:
         return [r.full_name for r in options.resource_list]
 
     @property
     def _net(self) -> Path:
         return self.host.sysfs_root / "class" / "net"
 
-    def scan(self) -> Snapshot:
-        found: dict[str, list[Device]] = {r.full_name: [] for r in self._resources}
+    @property
+    def _proc_net(self) -> Path:
+        return self.host.proc_root / "net"
+
+    def scan(self, changed: Collection[str] | None = None) -> Snapshot:
         try:
-            names = sorted(os.listdir(self._net))
+            listed = set(os.listdir(self._net))
         except FileNotFoundError:
-            return found
-        excluded = {"lo"}
-        if self._exclude_default_route:
-            excluded |= with_lower_devices(self._net, default_route_interfaces(self.proc_net))
-        for name in names:
-            if name in excluded:
-                continue
-            iface = read_interface(self._net, name)
-            if iface is None or iface.link_type == "loopback":
-                continue
+            listed = set()
+        if changed is None or not self._read_all_once:
+            fresh = listed
+        else:
+            fresh = (listed & set(changed)) | (listed - self._entries.keys())
+        entries = {name: entry for name, entry in self._entries.items() if name in listed and name not in fresh}
+        for name in fresh:
+            if self._may_select(name) and (entry := self._entry(name)) is not None:
+                entries[name] = entry
+        self._entries = entries
+        self._read_all_once = True
+        self._watch = self._paths_to_watch(entries)
+        return self._snapshot(entries, self._excluded())
+
+    def _may_select(self, name: str) -> bool:
+        """Whether any entry could take an interface of this name; the others are not read."""
+        if name == "lo":
+            return False
+        return self._globs is None or any(fnmatch.fnmatchcase(name, g) for g in self._globs)
+
+    def _entry(self, name: str) -> _Entry | None:
+        iface = read_interface(self._net, name)
+        if iface is None:
+            return None
+        if iface.link_type != "loopback":
             for resource in self._resources:
                 if selects(resource.selectors, iface):
                     state, reason = health(iface)
                     numa = () if iface.numa_node is None else (iface.numa_node,)
-                    found[resource.full_name].append(Device(id=name, health=state, reason=reason, numa_nodes=numa))
-                    break
+                    edits = ContainerEdits(envs={self._env[resource.full_name]: name})
+                    device = Device(id=name, health=state, reason=reason, numa_nodes=numa, edits=edits)
+                    return _Entry(iface, resource.full_name, device)
+        return _Entry(iface, None, None)
+
+    def _excluded(self) -> set[str]:
+        if not self._exclude_default_route:
+            return set()
+        return with_lower_devices(self._net, default_route_interfaces(self._proc_net))
+
+    def _snapshot(self, entries: dict[str, _Entry], excluded: set[str]) -> Snapshot:
+        found: dict[str, list[Device]] = {r.full_name: [] for r in self._resources}
+        for name in sorted(entries):
+            entry = entries[name]
+            if entry.resource is not None and entry.device is not None and name not in excluded:
+                found[entry.resource].append(entry.device)
         return found
 
-    def allocate(self, resource: str, device_ids: Sequence[str]) -> Allocation:
-        return Allocation(envs={self._env.get(resource, env_name(resource)): ",".join(device_ids)})
+    def _paths_to_watch(self, entries: dict[str, _Entry]) -> tuple[Path, ...]:
+        """For a fixture tree only: the real /sys and /proc send uevents and rtnetlink
+        messages instead, and inotify sees nothing there."""
+        if self._fixture_sysfs is None:
+            self._fixture_sysfs = filesystem_type(self.host.sysfs_root) != "sysfs"
+            self._fixture_proc = filesystem_type(self.host.proc_root) != "proc"
+        paths: list[Path] = []
+        if self._fixture_sysfs:
+            paths += [self._net, *(self._net / name for name in sorted(entries))]
+        if self._fixture_proc and self._exclude_default_route:
+            paths.append(self._proc_net)
+        return tuple(paths)
+
+    def watch_paths(self) -> Sequence[Path]:
+        return self._watch
 
     def udev_matches(self) -> Sequence[UdevMatch]:
         """Only the names some entry can select, when every entry names them: a node
         churning pod veths then does not rescan us for each one."""
-        globs: list[str] = []
-        for resource in self._resources:
-            if not resource.selectors.if_names:
-                return (UdevMatch("net"),)
-            globs.extend(g for g in resource.selectors.if_names if g not in globs)
-        return tuple(UdevMatch("net", g) for g in globs)
+        if self._globs is None:
+            return (UdevMatch("net", actions=NET_ACTIONS),)
+        return tuple(UdevMatch("net", g, actions=NET_ACTIONS) for g in self._globs)
+
+
+def _name_globs(resources: Sequence[NetdevResource]) -> tuple[str, ...] | None:
+    """Every `ifNames` glob in order, or None when some entry takes any name."""
+    globs: list[str] = []
+    for resource in resources:
+        if not resource.selectors.if_names:
+            return None
+        globs.extend(g for g in resource.selectors.if_names if g not in globs)
+    return tuple(globs)
