@@ -11,9 +11,12 @@ import pytest
 
 from nodedev import drivers
 from nodedev.api import deviceplugin_pb2 as pb
+from tests import netif
 from tests.conftest import NodedevProcess
 from tests.kubelet import KubeletDouble
-from tests.netif import NetIfs, netifs  # noqa: F401  # netifs is a fixture
+from tests.netif import NetIfs
+
+netifs = netif.netifs  # a fixture
 
 pytestmark = pytest.mark.skipif("netdev" not in drivers.NAMES, reason="the netdev driver is not registered in nodedev.drivers.NAMES")
 
@@ -83,5 +86,6 @@ def test_allocate_hands_out_the_interface_names(kubelet: KubeletDouble, nodedev,
     start(kubelet, nodedev, netifs)
     a, b = netifs.veth()
     wait_devices(kubelet, {a: "Healthy", b: "Healthy"}, "the new veth pair")
-    response = kubelet.stub(RESOURCE).Allocate(pb.AllocateRequest(container_requests=[pb.ContainerAllocateRequest(devices_ids=[b, a])]), timeout=5)
+    request = pb.AllocateRequest(container_requests=[pb.ContainerAllocateRequest(devices_ids=[b, a])])
+    response = kubelet.stub(RESOURCE).Allocate(request, timeout=5)
     assert dict(response.container_responses[0].envs) == {"NETDEV_NODEDEV_IO_E2E": f"{b},{a}"}
