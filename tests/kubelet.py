@@ -156,7 +156,7 @@ class KubeletDouble:
             incarnation = self.restarts
         existed = "/" not in request.endpoint and (self.plugin_dir / request.endpoint).exists()
         try:
-            result = self._accept(request, context)
+            result = self._accept(request, context, incarnation)
         except BaseException:
             self._record(request.resource_name, incarnation, existed, accepted=False)
             raise
@@ -168,7 +168,9 @@ class KubeletDouble:
             self.register_log.append(RegisterRecord(resource, incarnation, existed, accepted))
             self._cond.notify_all()
 
-    def _accept(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.Empty:
+    def _accept(self, request: pb.RegisterRequest, context: grpc.ServicerContext, incarnation: int) -> pb.Empty:
+        """The kubelet's checks and dial-back. A handler still running when its kubelet was
+        restarted is a dead process's work: it records nothing in the new incarnation."""
         if request.version != "v1beta1":
             self._reject(context, f"unsupported API version {request.version!r}")
         if not is_extended_resource_name(request.resource_name):
@@ -181,9 +183,12 @@ class KubeletDouble:
             options = pb_grpc.DevicePluginStub(channel).GetDevicePluginOptions(pb.Empty(), timeout=5)
         except (grpc.FutureTimeoutError, grpc.RpcError) as err:
             channel.close()
-            self._reject(context, f"cannot dial plugin at {request.endpoint}: {err!r}")
+            self._reject(context, f"cannot dial plugin at {request.endpoint}: {err!r}", incarnation)
         endpoint = Endpoint(request.resource_name, request.endpoint, channel, options)
         with self._cond:
+            if incarnation != self.restarts:
+                channel.close()
+                context.abort(grpc.StatusCode.UNAVAILABLE, "kubelet restarted while registering")
             self.registrations.append(request)
             previous = self.endpoints.get(request.resource_name)
             self.endpoints[request.resource_name] = endpoint
@@ -193,10 +198,11 @@ class KubeletDouble:
         threading.Thread(target=self._watch, args=(endpoint,), daemon=True).start()
         return pb.Empty()
 
-    def _reject(self, context: grpc.ServicerContext, message: str) -> None:
+    def _reject(self, context: grpc.ServicerContext, message: str, incarnation: int | None = None) -> None:
         with self._cond:
-            self.rejections.append(message)
-            self._cond.notify_all()
+            if incarnation is None or incarnation == self.restarts:
+                self.rejections.append(message)
+                self._cond.notify_all()
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
 
     def _watch(self, endpoint: Endpoint) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import os
 import threading
 import time
@@ -13,8 +11,6 @@ from pathlib import Path
 import pytest
 
 from nodedev import config
-from nodedev.registration import Registrar
-from nodedev.server import ResourceServer
 
 
 def test_an_empty_file_means_defaults_and_no_driver() -> None:
@@ -95,34 +91,3 @@ def test_a_pipe_whose_size_says_nothing_is_read_no_further_than_the_limit(fifo: 
     assert str(caught.value) == f"{fifo}: file is larger than 1048576 bytes (1 MiB); is this the config file?"
 
 
-def test_registration_failures_are_logged_once_per_state_not_per_try(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """Five failed tries against a missing kubelet give one log line, not five."""
-
-    async def run() -> int:
-        registrar = Registrar(tmp_path)
-        tries = 0
-        enough = asyncio.Event()
-        attempt = registrar._attempt
-
-        async def counting(server: ResourceServer) -> str | None:
-            nonlocal tries
-            tries += 1
-            if tries == 5:
-                enough.set()
-            return await attempt(server)
-
-        registrar._attempt = counting  # type: ignore[method-assign]
-        server = ResourceServer.__new__(ResourceServer)
-        server.resource = "example.com/x"
-        registrar.register(server)
-        await asyncio.wait_for(enough.wait(), timeout=10)
-        await registrar.close()
-        return tries
-
-    with caplog.at_level(logging.INFO, logger="nodedev.registration"):
-        tries = asyncio.run(run())
-
-    assert tries >= 5
-    lines = [r.getMessage() for r in caplog.records if "cannot register yet" in r.getMessage()]
-    missing = f"{tmp_path}/kubelet.sock does not exist (is the kubelet running?)"
-    assert lines == [f"example.com/x: cannot register yet, will keep trying: {missing}"]

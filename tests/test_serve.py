@@ -14,6 +14,7 @@ import pytest
 
 from nodedev.api import deviceplugin_pb2 as pb
 from tests.conftest import nodedev_command
+from tests.devtree import char_device
 from tests.kubelet import KubeletDouble
 
 KVM = "devices.kubevirt.io/kvm"
@@ -96,8 +97,7 @@ def test_allocate_rejects_bad_ids_naming_them(kubelet: KubeletDouble, nodedev, c
 
 def test_allocate_rejects_unhealthy_devices_with_the_reason(kubelet: KubeletDouble, nodedev, tmp_path: Path) -> None:
     dev = tmp_path / "dev"
-    (dev / "net").mkdir(parents=True)
-    (dev / "net" / "tun").touch()
+    char_device(dev / "net" / "tun")
     nodedev({"devRoot": str(dev), "drivers": {"vhost-net": {"enabled": True, "shares": 2}}})
     kubelet.wait(lambda: VHOST in kubelet.streaming(), what="vhost-net streaming")
 
@@ -155,24 +155,22 @@ def test_sigterm_ends_streams_removes_sockets_and_exits_zero(kubelet: KubeletDou
 def test_a_node_that_disappears_goes_unhealthy_and_comes_back(kubelet: KubeletDouble, nodedev, tmp_path: Path) -> None:
     dev = tmp_path / "dev"
     (dev / "net").mkdir(parents=True)
-    node = dev / "net" / "tun"
-    node.touch()
+    node = char_device(dev / "net" / "tun")
     nodedev({"devRoot": str(dev), "drivers": {"tun": {"enabled": True, "shares": 2}}})
     kubelet.wait(lambda: kubelet.devices(TUN) == {"tun0": ("Healthy", ()), "tun1": ("Healthy", ())}, what="tun Healthy")
 
     node.unlink()
     kubelet.wait(lambda: kubelet.devices(TUN) == {"tun0": ("Unhealthy", ()), "tun1": ("Unhealthy", ())}, what="tun Unhealthy")
 
-    node.touch()
+    char_device(node)
     kubelet.wait(lambda: kubelet.devices(TUN) == {"tun0": ("Healthy", ()), "tun1": ("Healthy", ())}, what="tun Healthy again")
 
 
 def test_a_driver_with_nothing_to_serve_leaves_the_others_serving(kubelet: KubeletDouble, nodedev, tmp_path: Path) -> None:
     """A kvm node that is not a kvm device makes kvm Unhealthy with the ioctl error, and tun still serves."""
     dev = tmp_path / "dev"
-    (dev / "net").mkdir(parents=True)
-    (dev / "net" / "tun").touch()
-    (dev / "kvm").touch()
+    char_device(dev / "net" / "tun")
+    char_device(dev / "kvm", (1, 3))  # /dev/null's numbers: a char device, not kvm
     nodedev({"devRoot": str(dev), "drivers": {"kvm": {"enabled": True, "shares": 1}, "tun": {"enabled": True, "shares": 1}}})
 
     kubelet.wait(lambda: kubelet.streaming() == {KVM, TUN}, what="both resources streaming")

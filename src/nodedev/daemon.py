@@ -23,7 +23,7 @@ from typing import Any
 from nodedev import metrics
 from nodedev.config import Config, ConfigError
 from nodedev.driver import Device
-from nodedev.hotplug import PathWatcher
+from nodedev.hotplug import Changes, PathWatcher
 from nodedev.inventory import Change, Inventory
 from nodedev.plugindir import PluginDirError, PluginDirLock
 from nodedev.registration import KUBELET_SOCKET, Registrar
@@ -101,7 +101,7 @@ class Daemon:
         await self.inventory.start()
         if not self.inventory.started:
             return f"no driver is serving ({_why_none(self)}); nothing to do"
-        self.paths.watch(self.config.plugin_dir, self._on_plugin_dir_change)
+        self.plugin_dir_watch = self.paths.watch(self.config.plugin_dir, self._on_plugin_dir_change, Changes.ENTRIES)
         async with self._recovering:
             self._serving = True  # from here on, a new resource is served as it appears
             initial = list(self.servers.values())

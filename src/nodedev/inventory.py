@@ -298,6 +298,7 @@ class Inventory:
             return
         runner.scans += 1
         metrics.SCANS.labels(runner.name, "ok").inc()
+        log.debug("driver %s: scan %d done (%s)", runner.name, runner.scans, "full" if changed is None else f"{len(changed)} named")
         if self.events is not None:
             self.events.subscribe(runner.name, driver.udev_matches(), paths)
         self._apply(runner, self._checked(runner.name, snapshot))

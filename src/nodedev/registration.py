@@ -37,11 +37,13 @@ KUBELET_SOCKET = "kubelet.sock"
 REGISTER_TIMEOUT_S = 12.0
 """Longer than the kubelet's own 10 s dial back to us, so its answer is the one we see."""
 _NO_KUBELET = " does not exist (is the kubelet running?)"
+CONNECT_TIMEOUT_S = 2.0
+_CHANGED = "changed while connecting"
 BACKOFF_FIRST_S = 0.05
 BACKOFF_MAX_S = 5.0
 
-_Key = tuple[int, int, int]
-"""(kubelet.sock inode, our socket's generation, forced re-registrations): what a success covers."""
+_Key = tuple[tuple[int, int], int, int]
+"""(kubelet.sock's identity, our socket's generation, forced re-registrations): what a success covers."""
 
 
 @dataclass(eq=False)
@@ -103,8 +105,8 @@ class Registrar:
         self._resources.clear()
 
     def _key(self, entry: _Resource) -> _Key | None:
-        inode = self._kubelet_inode()
-        return None if inode is None else (inode, entry.server.generation, entry.forced)
+        kubelet = self._kubelet_identity()
+        return None if kubelet is None else (kubelet, entry.server.generation, entry.forced)
 
     async def _run(self, entry: _Resource) -> None:
         delay = BACKOFF_FIRST_S
@@ -121,7 +123,9 @@ class Registrar:
                 await entry.wake.wait()
                 delay = BACKOFF_FIRST_S
                 continue
-            problem = await self._attempt(server) if key is not None else f"{self.kubelet_socket}{_NO_KUBELET}"
+            problem = await self._attempt(entry, key) if key is not None else f"{self.kubelet_socket}{_NO_KUBELET}"
+            if problem is _CHANGED:
+                continue  # the kubelet or our socket changed while we connected: look again
             if problem is None:
                 # Recorded only if kubelet.sock stayed the same file throughout: otherwise we
                 # cannot tell which kubelet answered, and registering again is the safe side.
@@ -144,8 +148,14 @@ class Registrar:
                 pass
             delay = min(delay * 2, BACKOFF_MAX_S)
 
-    async def _attempt(self, server: ResourceServer) -> str | None:
-        """One Register call; the problem in words, or None when it succeeded."""
+    async def _attempt(self, entry: _Resource, key: _Key) -> str | None:
+        """One Register call; the problem in words, or None when it succeeded.
+
+        The connection to kubelet.sock is made first and the state checked again
+        once it is up: a kubelet that restarted while we connected would otherwise
+        get a Register for the socket it has just wiped.
+        """
+        server = entry.server
         request = pb.RegisterRequest(
             version=API_VERSION,
             endpoint=server.endpoint,
@@ -154,13 +164,22 @@ class Registrar:
         )
         try:
             async with grpc.aio.insecure_channel(f"unix://{self.kubelet_socket}") as channel:
+                try:
+                    await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT_S)
+                except TimeoutError:
+                    return f"cannot connect to {self.kubelet_socket}"
+                if not (server.serving and server.socket_present()) or self._key(entry) != key:
+                    return _CHANGED
                 await pb_grpc.RegistrationStub(channel).Register(request, timeout=REGISTER_TIMEOUT_S)
         except grpc.aio.AioRpcError as err:
             return f"kubelet answered {err.code().name}: {str(err.details())[:300]}"
         return None
 
-    def _kubelet_inode(self) -> int | None:
+    def _kubelet_identity(self) -> tuple[int, int] | None:
+        """Which kubelet.sock is there: inode and change time. A restarted kubelet's new
+        socket often gets the inode its old one had; its creation time is new."""
         try:
-            return self.kubelet_socket.stat().st_ino
+            st = self.kubelet_socket.stat()
         except OSError:
             return None
+        return st.st_ino, st.st_ctime_ns
