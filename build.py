@@ -64,8 +64,8 @@ def ffibuilder() -> cffi.FFI:
 
 def generate_protos(out_root: Path) -> None:
     """Writes nodedev/api/*_pb2*.py under out_root with package-qualified imports."""
-    from grpc_tools import protoc  # build-time only dependency
     import grpc_tools
+    from grpc_tools import protoc  # build-time only dependency
 
     (out_root / PROTO_PACKAGE).mkdir(parents=True, exist_ok=True)
     well_known = Path(grpc_tools.__file__).parent / "_proto"

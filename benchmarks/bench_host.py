@@ -25,9 +25,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nodedev.api import deviceplugin_pb2 as pb  # noqa: E402
-from nodedev.api import deviceplugin_pb2_grpc as pb_grpc  # noqa: E402
-from tests.kubelet import CHECKPOINT, KubeletDouble  # noqa: E402
+from nodedev.api import deviceplugin_pb2 as pb
+from nodedev.api import deviceplugin_pb2_grpc as pb_grpc
+from tests.kubelet import CHECKPOINT, KubeletDouble
 
 RESOURCES = {"devices.kubevirt.io/kvm", "devices.kubevirt.io/tun", "devices.kubevirt.io/vhost-net"}
 STARTS = 5
@@ -63,7 +63,7 @@ def measure_start(plugin_dir: Path, cfg: Path) -> tuple[list[float], list[float]
         kubelet.start()
         started = time.perf_counter()
         proc = spawn(cfg)
-        kubelet.wait(lambda: all_streaming(kubelet), timeout=30, what="registration")
+        kubelet.wait(lambda k=kubelet: all_streaming(k), timeout=30, what="registration")
         starts.append(time.perf_counter() - started)
         time.sleep(0.5)  # let it go idle: the figure is for a daemon with nothing in flight
         stopping = time.perf_counter()
@@ -192,10 +192,13 @@ def main() -> None:
     print("|---|---|---|")
     print(f"| process start -> 3 resources registered (median of {STARTS}) | {statistics.median(starts) * ms:.0f} ms | <= 150 ms |")
     print(f"| SIGTERM -> process exited, idle (median of {STARTS}) | {statistics.median(stops) * ms:.0f} ms | <= 100 ms |")
-    print(f"| kubelet restart -> 3 resources re-registered, p50 / max of {RESTARTS} | {statistics.median(restarts) * ms:.1f} ms / {max(restarts) * ms:.1f} ms | <= 100 ms |")
-    print(f"| Allocate, {CALLS} calls from {CLIENTS} concurrent clients, p50 / p99 | {pct(allocate, 50) * 1e6:.0f} us / {pct(allocate, 99) * 1e6:.0f} us | <= 200 us / <= 1 ms |")
+    restart = f"{statistics.median(restarts) * ms:.1f} ms / {max(restarts) * ms:.1f} ms"
+    print(f"| kubelet restart -> 3 resources re-registered, p50 / max of {RESTARTS} | {restart} | <= 100 ms |")
+    concurrent = f"{pct(allocate, 50) * 1e6:.0f} us / {pct(allocate, 99) * 1e6:.0f} us"
+    print(f"| Allocate, {CALLS} calls from {CLIENTS} concurrent clients, p50 / p99 | {concurrent} | <= 200 us / <= 1 ms |")
     print(f"| Allocate, 3000 calls from 1 client (the kubelet's pattern), p50 / p99 | {pct(serial, 50) * 1e6:.0f} us / {pct(serial, 99) * 1e6:.0f} us | - |")
-    print(f"| the same client against an empty grpc.aio handler (Python gRPC's floor), p50 / p99 | {pct(floor, 50) * 1e6:.0f} us / {pct(floor, 99) * 1e6:.0f} us | - |")
+    floor_text = f"{pct(floor, 50) * 1e6:.0f} us / {pct(floor, 99) * 1e6:.0f} us"
+    print(f"| the same client against an empty grpc.aio handler (Python gRPC's floor), p50 / p99 | {floor_text} | - |")
     print(f"| RSS after start (kvm, tun, vhost-net; 1000 IDs each) | {rss:.1f} MiB | <= 60 MB |")
 
 

@@ -15,7 +15,6 @@ from nodedev.config import Config, EnabledDriver, HotplugSettings
 from nodedev.driver import Device, Driver, DriverError, DriverOptions, Health, Snapshot
 from nodedev.inventory import Change, Inventory
 
-
 progress = threading.Condition()
 """Notified on every scan (a worker thread) and every listener call (the loop)."""
 

@@ -1,5 +1,3 @@
-import sys
+from nodedev.cli import entry
 
-from nodedev.cli import main
-
-sys.exit(main())
+entry()

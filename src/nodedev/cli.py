@@ -16,11 +16,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import re
 import sys
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from nodedev import __version__, logs
 
@@ -54,6 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs one command and returns its exit code; whatever goes wrong ends as one line on stderr."""
     args = _parser().parse_args(argv)
     logs.setup(args.log_level, args.log_format)
+    # nodedev uses no pydantic plugins; looking for them scans every installed
+    # distribution's metadata, a real part of the time to start.
+    os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
     try:
         with _simulate_workdir(args.simulate) as workdir:
             cfg, reload = _config(args, workdir)
@@ -67,6 +71,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.debug("unexpected error", exc_info=True)
         print(f"nodedev: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_ERROR
+
+
+def entry() -> NoReturn:
+    """The `nodedev` program: main(), then an exit that does not wait on interpreter teardown.
+
+    Once a command has returned, its sockets are removed and its output is flushed;
+    what is left is tearing down gRPC and every module, which takes longer than the
+    whole stop phase, and joining worker threads, one of which may be stuck in a
+    driver's library call. Neither may delay a SIGTERM'd daemon's exit.
+    """
+    code = main()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed, or a reader that went away
+            pass
+    os._exit(code)
 
 
 def _one_line(err: BaseException) -> str:

@@ -357,9 +357,12 @@ def _changed_id(change: Change) -> str:
     return device.id
 
 
+_DIGITS = re.compile(r"(\d+)")
+
+
 def natural_key(text: str) -> list[int | str]:
     """Sorts kvm2 before kvm10, as people count."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+    return [int(part) if part.isdigit() else part for part in _DIGITS.split(text)]
 
 
 def _log_first(resource: str, devices: Mapping[str, Device]) -> None:

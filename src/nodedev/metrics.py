@@ -9,17 +9,7 @@ to register, and a node without metrics should not pay for it.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
-
-
-class Metric(Protocol):
-    def labels(self, *values: str) -> Metric: ...
-
-    def inc(self, amount: float = 1) -> None: ...
-
-    def set(self, value: float) -> None: ...
-
-    def remove(self, *values: str) -> None: ...
+from typing import Any
 
 
 class _Off:
@@ -39,11 +29,12 @@ class _Off:
 
 
 _OFF = _Off()
-DEVICES: Metric = _OFF
-ALLOCATIONS: Metric = _OFF
-REGISTRATIONS: Metric = _OFF
-SCANS: Metric = _OFF
-DRIVER_UP: Metric = _OFF
+# Typed Any: a prometheus Gauge or Counter once enabled, the stand-in before.
+DEVICES: Any = _OFF
+ALLOCATIONS: Any = _OFF
+REGISTRATIONS: Any = _OFF
+SCANS: Any = _OFF
+DRIVER_UP: Any = _OFF
 REGISTRY: Any = None
 
 

@@ -170,7 +170,8 @@ class Registrar:
                     return f"cannot connect to {self.kubelet_socket}"
                 if not (server.serving and server.socket_present()) or self._key(entry) != key:
                     return _CHANGED
-                await pb_grpc.RegistrationStub(channel).Register(request, timeout=REGISTER_TIMEOUT_S)
+                stub = pb_grpc.RegistrationStub(channel)  # type: ignore[no-untyped-call]
+                await stub.Register(request, timeout=REGISTER_TIMEOUT_S)
         except grpc.aio.AioRpcError as err:
             return f"kubelet answered {err.code().name}: {str(err.details())[:300]}"
         return None
