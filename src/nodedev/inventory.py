@@ -379,6 +379,10 @@ def _log_changes(resource: str, changes: Sequence[Change]) -> None:
         log.log(level, "%s", line)
 
 
+MAX_KINDS = 8
+"""Log lines per resource and update at most; a burst of 1,000 distinct reasons is not 1,000 lines."""
+
+
 def describe(resource: str, changes: Sequence[Change]) -> list[tuple[int, str]]:
     """One line per kind of change, so 1000 shares of one node going away is one line.
 
@@ -393,6 +397,11 @@ def describe(resource: str, changes: Sequence[Change]) -> list[tuple[int, str]]:
             verb = "added" if change.before is None else "now"
             groups[(f"{verb} {change.after.health.value}", change.after.reason)].append(change.after.id)
     lines = []
+    if len(groups) > MAX_KINDS:  # many distinct reasons: the first few, then a count
+        rest = list(groups.items())[MAX_KINDS - 1 :]
+        groups = dict(list(groups.items())[: MAX_KINDS - 1])
+        others = sum(len(ids) for _, ids in rest)
+        lines.append((logging.INFO, f"{resource}: {others} more device change(s) of {len(rest)} other kinds (nodedev discover shows each)"))
     for (what, reason), ids in groups.items():
         shown = ", ".join(ids[:4]) + (f" and {len(ids) - 4} more" if len(ids) > 4 else "")
         level = logging.WARNING if "Unhealthy" in what or what == "removed" else logging.INFO

@@ -277,17 +277,20 @@ def _int(text: str | None) -> int | None:
 
 
 def health(iface: Interface) -> tuple[Health, str]:
-    """The rule in the module docstring, with a reason that says what was seen."""
-    name, state = iface.name, iface.operstate
+    """The rule in the module docstring, with a reason that says what was seen.
+
+    The reason leaves out the interface's name (it is the device ID already), so
+    256 interfaces in one state are one log line, not 256."""
+    state = iface.operstate
     if state == "notpresent":
-        return Health.UNHEALTHY, f"{name}: operstate notpresent (hardware missing)"
+        return Health.UNHEALTHY, "operstate notpresent (hardware missing)"
     if state == "lowerlayerdown":
-        return Health.UNHEALTHY, f"{name}: operstate lowerlayerdown (its lower device or peer is down)"
+        return Health.UNHEALTHY, "operstate lowerlayerdown (its lower device or peer is down)"
     if iface.admin_up and iface.carrier is False:
-        return Health.UNHEALTHY, f"{name}: link is up but has no carrier (operstate {state})"
+        return Health.UNHEALTHY, f"link is up but has no carrier (operstate {state})"
     if not iface.admin_up:
-        return Health.HEALTHY, f"{name}: administratively down, carrier not checked"
-    return Health.HEALTHY, f"{name}: operstate {state}"
+        return Health.HEALTHY, "administratively down, carrier not checked"
+    return Health.HEALTHY, f"operstate {state}"
 
 
 def selects(selectors: NetdevSelectors, iface: Interface) -> bool:

@@ -40,9 +40,9 @@ section, beside `flags` and `sharing`, with the `sysfsRoot`, `devRoot` and
           enabled: true
           ignoredXids: [13, 31, 43, 45, 68, 109]   # replaces the default list
           criticalXids: []                          # always critical, even if ignored
-          quietPeriodSeconds: 300                   # null: never recover (NVIDIA's behaviour)
-          probeIntervalSeconds: 5
-        cdiRoot: /var/run/cdi
+          quietPeriodSeconds: 300                   # 0 to 86400; null: never recover (NVIDIA's behaviour)
+          probeIntervalSeconds: 5                   # 0.1 to 3600
+        cdiRoot: /var/run/cdi                       # absolute, as are nvidiaDriverRoot and nvidiaDevRoot
         procRoot: null                    # where driver/nvidia/capabilities is; null = the host's /proc
 
 What NVIDIA accepts and nodedev refuses, so a pasted config fails loudly rather
@@ -54,10 +54,11 @@ daemon), per-resource `rename`/`devices` (NVIDIA itself strips them),
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
+from nodedev.config import path_problem
 from nodedev.driver import ConfigSection, DriverOptions
 
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -70,6 +71,29 @@ CDI_STRATEGIES = frozenset({"cdi-annotations", "cdi-cri"})
 
 OWN_CDI_SPEC = "not used: nodedev writes its own CDI spec (cdiRoot) without the NVIDIA container toolkit"
 NVIDIA_IGNORES_IT = "NVIDIA's plugin strips it before use, so nodedev refuses it rather than pretend"
+
+MIN_PROBE_INTERVAL_S = 0.1
+"""Re-probing every GPU more often than this would keep a core busy for nothing."""
+MAX_PROBE_INTERVAL_S = 3600.0
+MAX_QUIET_PERIOD_S = 86_400.0
+"""A day: anything longer is a typo, and `null` already means "never recover"."""
+
+
+def _absolute(value: str) -> str:
+    if problem := path_problem(value):
+        raise ValueError(problem)
+    return value
+
+
+AbsolutePath = Annotated[str, AfterValidator(_absolute)]
+"""A path key: absolute, refused in the words the host's own root keys use."""
+
+
+def seconds_within(value: float, low: float, high: float) -> float:
+    """`low <= value <= high` (which NaN never is), or a one-line error naming both bounds."""
+    if not low <= value <= high:
+        raise ValueError(f"must be from {low:g} to {high:g} seconds, got {value!r}")
+    return value
 
 
 def refuse_keys(data: Any, refused: dict[str, str]) -> Any:
@@ -132,8 +156,8 @@ def _split_strategies(value: str | list[str]) -> tuple[str, ...]:
 class Flags(ConfigSection):
     mig_strategy: Literal["none", "single", "mixed"] = "none"
     fail_on_init_error: bool = True
-    nvidia_driver_root: str | None = None
-    nvidia_dev_root: str | None = None
+    nvidia_driver_root: AbsolutePath | None = None
+    nvidia_dev_root: AbsolutePath | None = None
     gdrcopy_enabled: bool = False
     gds_enabled: bool = False
     mofed_enabled: bool = False
@@ -193,11 +217,22 @@ class HealthOptions(ConfigSection):
     """Xids that never mark a device Unhealthy. Replaces NVIDIA's default list when given."""
     critical_xids: list[int] = []
     """Xids that always mark a device Unhealthy, even if also in ignoredXids."""
-    quiet_period_seconds: float | None = Field(default=300.0, ge=0)
+    quiet_period_seconds: float | None = 300.0
     """A faulted GPU is Healthy again once NVML probes it fine and no critical event came
-    for this long. None keeps it Unhealthy until nodedev restarts, as NVIDIA's plugin does."""
-    probe_interval_seconds: float = Field(default=5.0, gt=0, le=3600)
-    """How often the event thread re-probes GPUs between event waits."""
+    for this long (0 to 86400). None keeps it Unhealthy until nodedev restarts, as NVIDIA's
+    plugin does."""
+    probe_interval_seconds: float = 5.0
+    """How often the event thread re-probes GPUs between event waits (0.1 to 3600)."""
+
+    @field_validator("quiet_period_seconds")
+    @classmethod
+    def _quiet_bounds(cls, value: float | None) -> float | None:
+        return None if value is None else seconds_within(value, 0, MAX_QUIET_PERIOD_S)
+
+    @field_validator("probe_interval_seconds")
+    @classmethod
+    def _probe_bounds(cls, value: float) -> float:
+        return seconds_within(value, MIN_PROBE_INTERVAL_S, MAX_PROBE_INTERVAL_S)
 
 
 class NvidiaOptions(DriverOptions):
@@ -217,7 +252,7 @@ class NvidiaOptions(DriverOptions):
     flags: Flags = Flags()
     sharing: Sharing = Sharing()
     health: HealthOptions = HealthOptions()
-    cdi_root: str = "/var/run/cdi"
+    cdi_root: AbsolutePath = "/var/run/cdi"
     """Where the CDI spec goes when a cdi-* device list strategy is used."""
 
     @model_validator(mode="after")
