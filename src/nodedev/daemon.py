@@ -56,20 +56,23 @@ class Daemon:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        try:
+            lock = PluginDirLock.acquire(self.config.plugin_dir)
+        except PluginDirError as err:
+            log.error("%s", err)
+            return EXIT_ENVIRONMENT
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._request_stop, sig)
         if self._reload_config is not None:
             loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self._reload()))
         try:
-            lock = PluginDirLock.acquire(self.config.plugin_dir)
             if self.config.metrics_address:
                 metrics.serve(self.config.metrics_address)
                 log.info("metrics on http://%s/metrics", self.config.metrics_address)
-        except (PluginDirError, metrics.MetricsError) as err:
+            return await self._run()
+        except metrics.MetricsError as err:
             log.error("%s", err)
             return EXIT_ENVIRONMENT
-        try:
-            return await self._run()
         finally:
             lock.release()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
