@@ -8,7 +8,10 @@ the driver calls the host makes on its event loop, without gRPC:
 - one container's answer on 8 GPUs x 10 replicas, requests of 1..4 replica IDs:
   allocate() plus joining the devices' scan-time edits, which is what the host does
   (ContainerEdits.merge), with and without passDeviceSpecs;
-- start() (NVML init, discovery, topology read, event thread) and one scan().
+- start() (NVML init, discovery, topology read, event thread) and one scan();
+- scan() after a GPU left the bus (dropped) or arrived (NVML stopped and initialised
+  again, the event thread restarted), told the GPU's PCI address as a uevent does;
+- scan() with a cdi-* strategy (the spec with the driver root's files, unchanged).
 
 On a busy 2-core machine the tails (p99, max) move with whatever else runs;
 run it a few times.
@@ -69,6 +72,7 @@ def main() -> None:
     scan = timed([driver.scan])
     driver.stop()
     rows = [row("start() on dgx-8", start), row("scan() on dgx-8", scan)]
+    rows += hotplug_rows(node)
     rows += calls_rows(node)
     print("| call | n | p50 ms | p99 ms | max ms |")
     print("|---|---|---|---|---|")
@@ -114,6 +118,27 @@ def calls_rows(node: simulate.SimulatedNode) -> list[str]:
     rows.append(row("allocate + merge, passDeviceSpecs, 1-4 IDs", timed(allocations(specs, devices, rng))))
     specs.stop()
     return rows
+
+
+def hotplug_rows(node: simulate.SimulatedNode, cycles: int = 20) -> list[str]:
+    flags = {"nvidiaDriverRoot": str(node.driver_root), "plugin": {"deviceListStrategy": "cdi-cri"}}
+    driver = driver_on(node, cdiRoot=str(node.cdi_root), flags=flags)
+    driver.start()
+    driver.scan()
+    cdi = timed([driver.scan for _ in range(cycles)])
+    bus = node.gpus[7].sysfs_bus_id
+    left, arrived = [], []
+    for _ in range(cycles):
+        node.unplug(7)
+        left += timed([lambda: driver.scan({bus})])
+        node.plug(7)
+        arrived += timed([lambda: driver.scan({bus})])
+    driver.stop()
+    return [
+        row("scan() with cdi-cri, spec unchanged", cdi),
+        row("scan() after a GPU left (dropped; no re-initialisation)", left),
+        row("scan() after a GPU arrived (NVML re-initialised; waits out the event thread's 1 s wait)", arrived),
+    ]
 
 
 def allocations(driver: NvidiaDriver, devices: list[Device], rng: random.Random) -> list[Callable[[], object]]:

@@ -422,6 +422,7 @@ def test_the_driver_lists_and_builds_its_simulations(tmp_path: Path) -> None:
         "devRoot": str(tmp_path / "dev"),
         "procRoot": str(tmp_path / "proc"),
         "cdiRoot": str(tmp_path / "cdi"),
+        "flags": {"nvidiaDriverRoot": str(tmp_path)},
     }
     assert (tmp_path / "dev" / "nvidia0").exists()
     assert os.environ[simulate.ENV_FIXTURE] == str(simulate.FIXTURES_DIR / "gpu-1.conf")

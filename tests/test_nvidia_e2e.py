@@ -125,3 +125,54 @@ def test_nvml_failure_is_logged_and_other_drivers_keep_serving(kubelet: KubeletD
     line = process.wait_log("libnvidia-ml.so.1", timeout=5)
     assert "Driver Not Loaded" in line
     assert GPU not in kubelet.streaming()
+
+
+def test_a_gpu_plugged_after_start_is_served_and_one_removed_leaves(kubelet: KubeletDouble, nodedev, tmp_path: Path) -> None:
+    """The fixture's PCI directory is watched through the host's inotify: no uevent needed."""
+    from tests.test_nvidia_hotplug import LATE_UUID, two_gpu_fixture
+
+    node = simulate.prepare(two_gpu_fixture(tmp_path, second_present=False), tmp_path / "node")
+    serve(nodedev, node)
+    first = node.gpus[0].uuid
+    kubelet.wait(lambda: set(kubelet.devices(GPU) or {}) == {first}, timeout=10, what="one GPU served")
+    node.plug(1)
+    kubelet.wait(lambda: set(kubelet.devices(GPU) or {}) == {first, LATE_UUID}, timeout=5, what="the plugged GPU served")
+    assert kubelet.devices(GPU)[LATE_UUID] == ("Healthy", (1,))
+    node.unplug(1)
+    kubelet.wait(lambda: set(kubelet.devices(GPU) or {}) == {first}, timeout=5, what="the removed GPU gone")
+
+
+def test_an_empty_resource_is_not_registered(kubelet: KubeletDouble, nodedev, tmp_path: Path) -> None:
+    """Mixed MIG with a time-sliced profile on a node without MIG: NVIDIA registers nvidia.com/gpu only."""
+    node = simulate.prepare(simulate.resolve_fixture("gpu-1"), tmp_path / "node")
+    process = serve(
+        nodedev,
+        node,
+        flags={"migStrategy": "mixed"},
+        sharing={"timeSlicing": {"resources": [{"name": "mig-1g.10gb", "replicas": 2}]}},
+    )
+    kubelet.wait(lambda: GPU in kubelet.streaming(), timeout=10, what="nvidia.com/gpu streaming")
+    process.wait_log("serving 1 resource(s)", timeout=5)
+    assert kubelet.streaming() == {GPU}
+
+
+def test_mps_sharing_through_the_daemon(kubelet: KubeletDouble, nodedev, tmp_path: Path) -> None:
+    node = simulate.prepare(simulate.resolve_fixture("gpu-1"), tmp_path / "node")
+    mps_root = tmp_path / "mps"
+    serve(
+        nodedev,
+        node,
+        flags={"nvidiaDriverRoot": str(node.driver_root), "mpsRoot": str(mps_root)},
+        sharing={"mps": {"resources": [{"name": "gpu", "replicas": 2}]}},
+    )
+    kubelet.wait(lambda: len(kubelet.devices(GPU) or {}) == 2, timeout=10, what="two MPS replicas served")
+    ids = sorted(kubelet.devices(GPU))
+    response = kubelet.stub(GPU).Allocate(pb.AllocateRequest(container_requests=[pb.ContainerAllocateRequest(devices_ids=ids[:1])]), timeout=5)
+    (container,) = response.container_responses
+    assert container.envs["CUDA_MPS_PIPE_DIRECTORY"] == "/mps/nvidia.com/gpu/pipe"
+    assert {(m.host_path, m.container_path) for m in container.mounts} == {
+        (f"{mps_root}/nvidia.com/gpu/pipe", "/mps/nvidia.com/gpu/pipe"),
+        (f"{mps_root}/nvidia.com/gpu/log", "/mps/nvidia.com/gpu/log"),
+        (f"{mps_root}/shm", "/dev/shm"),
+    }
+    assert ["nvidia-cuda-mps-control<", "set_default_active_thread_percentage", "50"] in node.calls()

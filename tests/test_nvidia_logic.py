@@ -129,7 +129,7 @@ def test_a_pasted_nvidia_config_is_accepted_under_drivers_nvidia() -> None:
             "drivers.nvidia.sharing.timeSlicing.resources[0].replicas",
         ),
         ({"sharing": {"timeSlicing": {"resources": []}}}, "drivers.nvidia.sharing.timeSlicing.resources"),
-        ({"sharing": {"mps": {"resources": []}}}, "MPS sharing is not supported"),
+        ({"sharing": {"mps": {"resources": []}}}, "drivers.nvidia.sharing.mps.resources"),
         (
             {"sharing": {"timeSlicing": {"resources": [{"name": "nvidia.com/mig-1g.10gb", "replicas": 2}]}}},
             "exists only with flags.migStrategy mixed",
@@ -150,33 +150,13 @@ SLICED = {"name": "nvidia.com/gpu", "replicas": 2}
 @pytest.mark.parametrize(
     ("section", "where", "why"),
     [
-        ({"sharing": {"mps": {"resources": [SLICED]}}}, "drivers.nvidia.sharing.mps", "MPS sharing is not supported"),
-        (
-            {"sharing": {"timeSlicing": {"resources": [{**SLICED, "rename": "nvidia.com/gpu-shared"}]}}},
-            "drivers.nvidia.sharing.timeSlicing.resources[0]: rename:",
-            "use renameByDefault",
-        ),
-        (
-            {"sharing": {"timeSlicing": {"resources": [{**SLICED, "devices": "all"}]}}},
-            "drivers.nvidia.sharing.timeSlicing.resources[0]: devices:",
-            "NVIDIA's plugin strips it",
-        ),
-        ({"resources": {"gpus": [{"pattern": "*A100*", "name": "a100"}]}}, "drivers.nvidia: resources:", "by pattern"),
-        ({"imex": {"channelIDs": [0]}}, "drivers.nvidia: imex:", "IMEX channels are not supported"),
-        (
-            {"flags": {"plugin": {"nvidiaCTKPath": "/usr/bin/nvidia-ctk"}}},
-            "drivers.nvidia.flags.plugin: nvidiaCTKPath:",
-            "nodedev writes its own CDI spec",
-        ),
-        (
-            {"flags": {"plugin": {"containerDriverRoot": "/driver-root"}}},
-            "drivers.nvidia.flags.plugin: containerDriverRoot:",
-            "nodedev writes its own CDI spec",
-        ),
+        ({"sharing": {"mps": {"resources": [SLICED]}}}, "drivers.nvidia: ", "sharing.mps needs flags.mpsRoot"),
+        ({"imex": {"channelIDs": [0]}}, "drivers.nvidia.imex.channelIDs", "IMEX channels are not supported"),
     ],
 )
 def test_nvidia_keys_nodedev_refuses_say_why(section: dict[str, object], where: str, why: str) -> None:
-    """README's "Refused, not ignored" list: each key fails the config, naming itself and the reason."""
+    """What nodedev cannot do fails the config, naming the key and the reason (the rest of
+    NVIDIA's keys are accepted: test_nvidia_parity.py)."""
     with pytest.raises(config.ConfigError) as err:
         parse(section)
     assert where in str(err.value) and why in str(err.value)

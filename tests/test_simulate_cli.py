@@ -40,6 +40,7 @@ def test_prepare_returns_only_the_simulated_drivers_section(tmp_path: Path) -> N
                 "devRoot": str(work / "dev"),
                 "procRoot": str(work / "proc"),
                 "cdiRoot": str(work / "cdi"),
+                "flags": {"nvidiaDriverRoot": str(work)},
             }
         }
     }
@@ -127,4 +128,4 @@ def test_an_unknown_fixture_exits_2_naming_the_shipped_ones() -> None:
 
     assert result.returncode == 2
     assert result.stderr.startswith("nodedev: --simulate: no simulated node 'dgx-9'")
-    assert "(nvidia: dgx-8, gpu-1, mig)" in result.stderr
+    assert "nvidia: dgx-8, gpu-1, mig" in result.stderr

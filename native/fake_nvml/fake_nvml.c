@@ -55,6 +55,7 @@
  *     nvlink_count <int>           NVLink ports on the GPU (A100: 12); 0 = no NVLink
  *     multiprocessor_count <int>   for nvmlDeviceGetAttributes_v2
  *     serial <text>                nvmlDeviceGetSerial (absent: NOT_SUPPORTED)
+ *     present 0|1                  0: not on the bus at start (default 1); `plug` adds it
  *
  *   MIG block keys:
  *     gpu_instance_id <int>        required    compute_instance_id <int>  required
@@ -78,6 +79,13 @@
  *                                   NVML_ERROR_GPU_IS_LOST (15); an Xid 79 ("fallen
  *                                   off the bus") event is queued for it
  *     recover <gpu>                 the GPU answers normally again (no event)
+ *     unplug <gpu>                  the GPU leaves the bus: every call on it returns
+ *                                   GPU_IS_LOST and an Xid 79 event is queued, as for
+ *                                   `lost`; from the next (re)init it is not listed
+ *     plug <gpu>                    the GPU (a fixture block, e.g. one with
+ *                                   `present 0`) arrives on the bus; like real NVML,
+ *                                   it is listed from the next (re)init on, in
+ *                                   fixture order (NVML indices stay dense)
  *     fail-wait [<message>]         the next nvmlEventSetWait on every event set that
  *                                   exists returns NVML_ERROR_UNKNOWN (999); the
  *                                   message is only echoed with NODEDEV_FAKE_NVML_DEBUG
@@ -88,6 +96,10 @@
  * device = the (parent) GPU handle, eventType, eventData, gpuInstanceId and
  * computeInstanceId. nvmlEventSetWait[_v2] polls every 10 ms until timeout_ms and
  * then returns NVML_ERROR_TIMEOUT (10).
+ *
+ * LISTING: nvmlInit fixes which GPUs NVML lists (count, indices, lookups by
+ * UUID or bus ID): the fixture's GPUs that are present after the control file
+ * is replayed. A handle of a GPU not listed is INVALID_ARGUMENT.
  *
  * Everything is guarded by one mutex; a wait releases it between polls, so other
  * threads query freely while one thread sits in nvmlEventSetWait_v2.
@@ -219,6 +231,8 @@ struct gpu {
     int link_peer[NVML_NVLINK_MAX_LINKS]; /* remote GPU index, -1 = not connected */
     unsigned int sm_count;
     int lost;
+    int absent; /* not on the bus (present 0, or unplugged) */
+    int listed; /* position in g_listed + 1 at the last init; 0 = not listed */
     int nmigs;
     int migs[MAX_MIGS]; /* slots into g_migs, in MIG-index order */
 };
@@ -259,6 +273,8 @@ static int g_refcount;
 static char g_driver_version[TEXT], g_nvml_version[TEXT];
 static int g_cuda_version;
 static int g_ngpus, g_nmigs;
+static int g_listed[MAX_GPUS]; /* slots of the GPUs NVML lists, fixed at init */
+static int g_nlisted;
 static struct gpu g_gpus[MAX_GPUS];
 static struct mig g_migs[MAX_MIGS];
 static int g_topology[MAX_GPUS][MAX_GPUS]; /* -1 = derive from NUMA nodes */
@@ -479,6 +495,10 @@ static int parse_gpu_key(struct parser *p, const char *key, char *val)
         if (parse_int(val, &v) || v < 0)
             PARSE_FAIL(p, "bad multiprocessor_count '%s'", val);
         g->sm_count = (unsigned)v;
+    } else if (!strcmp(key, "present")) {
+        if (parse_int(val, &v) || (v != 0 && v != 1))
+            PARSE_FAIL(p, "bad present '%s' (0 or 1)", val);
+        g->absent = !v;
     } else {
         PARSE_FAIL(p, "unknown GPU key '%s'", key);
     }
@@ -806,6 +826,17 @@ static void ctl_line(char *line)
         if (ctl_gpu(tok[1], &ev.gpu))
             goto bad;
         g_gpus[ev.gpu].lost = 0;
+    } else if (!strcmp(cmd, "unplug") && n == 2) {
+        if (ctl_gpu(tok[1], &ev.gpu))
+            goto bad;
+        g_gpus[ev.gpu].absent = 1;
+        ev.type = EV_XID;
+        ev.data = XID_FALLEN_OFF_BUS;
+        push_event(ev);
+    } else if (!strcmp(cmd, "plug") && n == 2) {
+        if (ctl_gpu(tok[1], &ev.gpu))
+            goto bad;
+        g_gpus[ev.gpu].absent = 0;
     } else if (!strcmp(cmd, "fail-wait")) {
         ev.fail = 1;
         ev.gpu = -1;
@@ -915,9 +946,9 @@ static nvmlReturn_t resolve(nvmlDevice_t h, struct gpu **gpu, struct mig **mig)
     struct mig *m = g ? NULL : as_mig(h);
     if (m)
         g = &g_gpus[m->parent];
-    if (!g)
+    if (!g || !g->listed)
         return NVML_ERROR_INVALID_ARGUMENT;
-    if (g->lost)
+    if (g->lost || g->absent)
         return NVML_ERROR_GPU_IS_LOST;
     *gpu = g;
     if (mig)
@@ -964,6 +995,19 @@ static nvmlReturn_t put_text(char *buf, unsigned int len, const char *text)
 
 /* ---- init / system ---- */
 
+/* What NVML lists until the next init: the GPUs on the bus now, in fixture order. */
+static void list_gpus(void)
+{
+    g_nlisted = 0;
+    for (int i = 0; i < g_ngpus; i++) {
+        g_gpus[i].listed = 0;
+        if (!g_gpus[i].absent) {
+            g_listed[g_nlisted++] = i;
+            g_gpus[i].listed = g_nlisted;
+        }
+    }
+}
+
 EXPORT nvmlReturn_t nvmlInitWithFlags(unsigned int flags)
 {
     (void)flags;
@@ -983,6 +1027,7 @@ EXPORT nvmlReturn_t nvmlInitWithFlags(unsigned int flags)
     reset_runtime();
     g_refcount = 1;
     ingest_control();
+    list_gpus();
     LEAVE(NVML_SUCCESS);
 }
 
@@ -1065,7 +1110,7 @@ EXPORT nvmlReturn_t nvmlDeviceGetCount_v2(unsigned int *count)
     ENTER();
     if (!count)
         LEAVE(NVML_ERROR_INVALID_ARGUMENT);
-    *count = (unsigned)g_ngpus;
+    *count = (unsigned)g_nlisted;
     LEAVE(NVML_SUCCESS);
 }
 
@@ -1074,11 +1119,12 @@ EXPORT nvmlReturn_t nvmlDeviceGetCount(unsigned int *count) { return nvmlDeviceG
 EXPORT nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned int index, nvmlDevice_t *device)
 {
     ENTER();
-    if (!device || index >= (unsigned)g_ngpus)
+    if (!device || index >= (unsigned)g_nlisted)
         LEAVE(NVML_ERROR_INVALID_ARGUMENT);
-    if (g_gpus[index].lost)
+    struct gpu *g = &g_gpus[g_listed[index]];
+    if (g->lost || g->absent)
         LEAVE(NVML_ERROR_GPU_IS_LOST);
-    *device = &g_gpus[index].dev;
+    *device = &g->dev;
     LEAVE(NVML_SUCCESS);
 }
 
@@ -1093,16 +1139,17 @@ EXPORT nvmlReturn_t nvmlDeviceGetHandleByUUID(const char *uuid, nvmlDevice_t *de
     if (!uuid || !device)
         LEAVE(NVML_ERROR_INVALID_ARGUMENT);
     for (int i = 0; i < g_ngpus; i++) {
-        if (!strcmp(g_gpus[i].uuid, uuid)) {
-            if (g_gpus[i].lost)
+        if (g_gpus[i].listed && !strcmp(g_gpus[i].uuid, uuid)) {
+            if (g_gpus[i].lost || g_gpus[i].absent)
                 LEAVE(NVML_ERROR_GPU_IS_LOST);
             *device = &g_gpus[i].dev;
             LEAVE(NVML_SUCCESS);
         }
     }
     for (int i = 0; i < g_nmigs; i++) {
-        if (!strcmp(g_migs[i].uuid, uuid)) {
-            if (g_gpus[g_migs[i].parent].lost)
+        const struct gpu *parent = &g_gpus[g_migs[i].parent];
+        if (parent->listed && !strcmp(g_migs[i].uuid, uuid)) {
+            if (parent->lost || parent->absent)
                 LEAVE(NVML_ERROR_GPU_IS_LOST);
             *device = &g_migs[i].dev;
             LEAVE(NVML_SUCCESS);
@@ -1119,8 +1166,8 @@ EXPORT nvmlReturn_t nvmlDeviceGetHandleByPciBusId_v2(const char *pciBusId, nvmlD
         LEAVE(NVML_ERROR_INVALID_ARGUMENT);
     for (int i = 0; i < g_ngpus; i++) {
         struct gpu *g = &g_gpus[i];
-        if (g->domain == dom && g->bus == bus && g->device == dev && g->function == fn) {
-            if (g->lost)
+        if (g->listed && g->domain == dom && g->bus == bus && g->device == dev && g->function == fn) {
+            if (g->lost || g->absent)
                 LEAVE(NVML_ERROR_GPU_IS_LOST);
             *device = &g->dev;
             LEAVE(NVML_SUCCESS);
@@ -1178,7 +1225,7 @@ EXPORT nvmlReturn_t nvmlDeviceGetIndex(nvmlDevice_t device, unsigned int *index)
         LEAVE(rc);
     if (!index)
         LEAVE(NVML_ERROR_INVALID_ARGUMENT);
-    *index = (unsigned)g->dev.slot;
+    *index = (unsigned)(g->listed - 1);
     LEAVE(NVML_SUCCESS);
 }
 

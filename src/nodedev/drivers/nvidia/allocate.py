@@ -24,7 +24,7 @@ from typing import Any
 
 from nodedev.driver import NO_EDITS, AllocationError, ContainerEdits, Device, DeviceNode, Mount
 from nodedev.drivers.nvidia.discovery import GPU
-from nodedev.drivers.nvidia.options import CDI_STRATEGIES, NvidiaOptions
+from nodedev.drivers.nvidia.options import CDI_STRATEGIES, GPU_RESOURCE, NvidiaOptions
 from nodedev.drivers.nvidia.resources import Unit
 
 VISIBLE_DEVICES = "NVIDIA_VISIBLE_DEVICES"
@@ -49,6 +49,9 @@ class AllocateSettings:
     annotation_prefix: str
     extra_envs: tuple[tuple[str, str], ...]
     fail_requests_greater_than_one: bool
+    sharing_key: str = "sharing.timeSlicing"
+    mps: ContainerEdits = NO_EDITS
+    """What every MPS-shared device adds: the control daemon's pipe and log directories, and /dev/shm."""
 
     @classmethod
     def from_options(cls, options: NvidiaOptions) -> AllocateSettings:
@@ -62,14 +65,16 @@ class AllocateSettings:
             )
             if on
         ]
-        slicing = options.sharing.time_slicing
+        slicing = options.sharing.replicated
         return cls(
             strategies=flags.plugin.device_list_strategies,
             id_strategy=flags.plugin.device_id_strategy,
             pass_device_specs=flags.plugin.pass_device_specs,
             annotation_prefix=flags.plugin.cdi_annotation_prefix,
             extra_envs=tuple(envs),
-            fail_requests_greater_than_one=bool(slicing and slicing.fail_requests_greater_than_one),
+            fail_requests_greater_than_one=options.sharing.mps is not None or bool(slicing and slicing.fail_requests_greater_than_one),
+            sharing_key="sharing.mps" if options.sharing.mps is not None else "sharing.timeSlicing",
+            mps=mps_edits(options),
         )
 
     @property
@@ -114,7 +119,34 @@ def device_edits(unit: Unit, settings: AllocateSettings, dev_dir: Path, control_
         if settings.pass_device_specs:
             nodes = tuple(device_node(dev_dir, name) for name in (*control_nodes, *unit.nodes))
     cdi = (cdi_name(unit, settings),) if "cdi-cri" in settings.strategies else ()
+    if unit.replica is not None and settings.mps is not NO_EDITS:
+        envs.update(settings.mps.envs)
+        mounts = (*settings.mps.mounts, *mounts)
     return ContainerEdits(devices=nodes, mounts=mounts, envs=envs, cdi_devices=cdi)
+
+
+MPS_CONTAINER_ROOT = "/mps"
+"""Where a container sees the MPS root, as in NVIDIA's plugin."""
+
+
+def mps_dirs(root: str, resource: str) -> tuple[str, str]:
+    """(pipe, log) directories of one resource's control daemon under an MPS root."""
+    return f"{root}/{resource}/pipe", f"{root}/{resource}/log"
+
+
+def mps_edits(options: NvidiaOptions) -> ContainerEdits:
+    """NVIDIA's MPS answer (with or without CDI): the pipe and log directories of the
+    nvidia.com/gpu control daemon, and the daemon's shared memory as the container's /dev/shm."""
+    root = options.flags.mps_root
+    if options.sharing.mps is None or root is None:
+        return NO_EDITS
+    resource = options.shared_name(GPU_RESOURCE)
+    host_pipe, host_log = mps_dirs(root, resource)
+    pipe, log = mps_dirs(MPS_CONTAINER_ROOT, resource)
+    return ContainerEdits(
+        envs={"CUDA_MPS_PIPE_DIRECTORY": pipe, "CUDA_MPS_LOG_DIRECTORY": log},
+        mounts=(Mount(host_pipe, pipe), Mount(host_log, log), Mount(f"{root}/shm", "/dev/shm")),
+    )
 
 
 def request_edits(
@@ -129,7 +161,7 @@ def request_edits(
     if replicated and settings.fail_requests_greater_than_one and len(devices) > 1:
         raise AllocationError(
             f"{len(devices)} shared devices requested, but "
-            "sharing.timeSlicing.failRequestsGreaterThanOne allows one per container"
+            f"{settings.sharing_key}.failRequestsGreaterThanOne allows one per container"
         )
     if not settings.annotates:
         return NO_EDITS
@@ -147,10 +179,18 @@ def _cdi_nodes(dev_dir: Path, names: Iterable[str]) -> list[dict[str, str]]:
     return [{"path": f"/dev/{n}", "hostPath": str(dev_dir / n), "permissions": "rw"} for n in names]
 
 
-def cdi_spec(gpus: Sequence[GPU], dev_dir: Path, control_nodes: Sequence[str]) -> dict[str, Any]:
+def cdi_spec(
+    gpus: Sequence[GPU],
+    dev_dir: Path,
+    control_nodes: Sequence[str],
+    common_mounts: Sequence[dict[str, Any]] = (),
+    hooks: Sequence[dict[str, Any]] = (),
+) -> dict[str, Any]:
     """Every GPU and MIG device under both its UUID and its index, so either ID strategy resolves.
 
-    Only device nodes: driver libraries are left to the image or the NVIDIA container toolkit.
+    Device nodes per device; what every device shares (the control nodes, the
+    driver's libraries, binaries and firmware as `common_mounts`, the ld cache hook)
+    once, in the spec's own containerEdits, as NVIDIA's generator writes it.
     """
     devices: list[dict[str, Any]] = []
     for gpu in gpus:
@@ -160,8 +200,15 @@ def cdi_spec(gpus: Sequence[GPU], dev_dir: Path, control_nodes: Sequence[str]) -
             mig_edits = {"deviceNodes": _cdi_nodes(dev_dir, [gpu.node, *mig.cap_nodes])}
             devices += [{"name": name, "containerEdits": mig_edits} for name in (mig.uuid, mig.index)]
     spec: dict[str, Any] = {"cdiVersion": CDI_VERSION, "kind": CDI_KIND, "devices": devices}
+    common: dict[str, Any] = {}
     if control_nodes:
-        spec["containerEdits"] = {"deviceNodes": _cdi_nodes(dev_dir, control_nodes)}
+        common["deviceNodes"] = _cdi_nodes(dev_dir, control_nodes)
+    if common_mounts:
+        common["mounts"] = list(common_mounts)
+    if hooks:
+        common["hooks"] = list(hooks)
+    if common:
+        spec["containerEdits"] = common
     return spec
 
 

@@ -22,6 +22,9 @@ section, beside `flags` and `sharing`, with the `sysfsRoot`, `devRoot` and
           gdsEnabled: false               # NVIDIA_GDS=enabled
           mofedEnabled: false             # NVIDIA_MOFED=enabled
           deviceDiscoveryStrategy: auto   # auto | nvml (tegra is not supported)
+          mpsRoot: null                   # needed by sharing.mps: pipe and log directories go here
+          useNodeFeatureAPI: null         # GPU Feature Discovery's: accepted, ignored
+          gfd: {}                         # GPU Feature Discovery's: accepted, ignored
           plugin:
             passDeviceSpecs: false
             deviceListStrategy: envvar    # or a list / comma list of envvar, volume-mounts,
@@ -29,13 +32,19 @@ section, beside `flags` and `sharing`, with the `sysfsRoot`, `devRoot` and
             deviceIDStrategy: uuid        # uuid | index
             cdiAnnotationPrefix: cdi.k8s.io/
             sharedDevicesAllocationPolicy: distributed   # distributed | packed
+            nvidiaCTKPath: null           # nvidia-ctk: the CDI spec gets its update-ldcache hook
+            containerDriverRoot: null     # where this process sees nvidiaDriverRoot
+        resources: {}                     # NVIDIA ignores it (with a log line); so does nodedev
         sharing:
-          timeSlicing:
+          timeSlicing:                    # or mps: (same keys; needs flags.mpsRoot; wins over timeSlicing)
             renameByDefault: false
             failRequestsGreaterThanOne: false
             resources:
-              - name: nvidia.com/gpu
+              - name: gpu                 # nvidia.com/ may be left out, as NVIDIA allows
                 replicas: 4
+                rename: null              # NVIDIA ignores both, with a log line; so does nodedev
+                devices: all
+        imex: {channelIDs: []}            # accepted while empty; channels are refused
         health:
           enabled: true
           ignoredXids: [13, 31, 43, 45, 68, 109]   # replaces the default list
@@ -45,32 +54,38 @@ section, beside `flags` and `sharing`, with the `sysfsRoot`, `devRoot` and
         cdiRoot: /var/run/cdi                       # absolute, as are nvidiaDriverRoot and nvidiaDevRoot
         procRoot: null                    # where driver/nvidia/capabilities is; null = the host's /proc
 
-What NVIDIA accepts and nodedev refuses, so a pasted config fails loudly rather
-than silently behaving differently: `sharing.mps` (needs NVIDIA's MPS control
-daemon), per-resource `rename`/`devices` (NVIDIA itself strips them),
-`resources`, `imex`, and the container-toolkit paths (`nvidiaCTKPath`,
-`containerDriverRoot`), since nodedev writes its own CDI spec.
+Every key NVIDIA's config file takes is taken here. What NVIDIA itself ignores
+is accepted and ignored with NVIDIA's own log line (per-resource `rename` and
+`devices`, top-level `resources`); what belongs to GPU Feature Discovery
+(`flags.gfd`, `flags.useNodeFeatureAPI`) is accepted and ignored with one info
+line. What nodedev cannot do is refused with the reason: `imex` with channels,
+`deviceDiscoveryStrategy: tegra`, and MPS where NVIDIA refuses it too (mixed MIG,
+MIG devices, no `mpsRoot`). NVIDIA's environment variables override the file (see
+environment.py); `NvidiaOptions.environment` says which did.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, PrivateAttr, field_validator, model_validator
 
 from nodedev.config import path_problem
 from nodedev.driver import ConfigSection, DriverOptions
+from nodedev.drivers.nvidia.environment import DEFAULT_IGNORED_XIDS, Override, overlay
 
+RESOURCE_DOMAIN = "nvidia.com"
 GPU_RESOURCE = "nvidia.com/gpu"
 MIG_RESOURCE_PREFIX = "nvidia.com/mig-"
-DEFAULT_IGNORED_XIDS: tuple[int, ...] = (13, 31, 43, 45, 68, 109)
-"""NVIDIA's default: application errors (13, 31, 43, 45, 68) and 109 (context switch timeout)."""
 
 DEVICE_LIST_STRATEGIES = ("envvar", "volume-mounts", "cdi-annotations", "cdi-cri")
 CDI_STRATEGIES = frozenset({"cdi-annotations", "cdi-cri"})
 
-OWN_CDI_SPEC = "not used: nodedev writes its own CDI spec (cdiRoot) without the NVIDIA container toolkit"
-NVIDIA_IGNORES_IT = "NVIDIA's plugin strips it before use, so nodedev refuses it rather than pretend"
+GFD_IGNORED = "flags.gfd and flags.useNodeFeatureAPI configure GPU Feature Discovery, which nodedev does not run; ignored"
+RESOURCES_IGNORED = "Customizing the 'resources' field is not yet supported in the config. Ignoring..."
+"""NVIDIA's own words for the keys its plugin strips (DisableResourceNamingInConfig)."""
 
 MIN_PROBE_INTERVAL_S = 0.1
 """Re-probing every GPU more often than this would keep a core busy for nothing."""
@@ -96,28 +111,18 @@ def seconds_within(value: float, low: float, high: float) -> float:
     return value
 
 
-def refuse_keys(data: Any, refused: dict[str, str]) -> Any:
-    """Raises for an NVIDIA key nodedev deliberately does not take, saying why, so a
-    pasted config fails with a reason instead of a bare "unknown key"."""
-    if isinstance(data, dict):
-        for key, why in refused.items():
-            if key in data:
-                raise ValueError(f"{key}: {why}")
-    return data
-
-
 class PluginFlags(ConfigSection):
-    @model_validator(mode="before")
-    @classmethod
-    def _refused(cls, data: Any) -> Any:
-        return refuse_keys(data, {"nvidiaCTKPath": OWN_CDI_SPEC, "containerDriverRoot": OWN_CDI_SPEC})
-
     pass_device_specs: bool = False
     """Also return the device nodes as DeviceSpecs, for kubelets with the static CPU manager."""
     device_list_strategy: str | list[str] = "envvar"
     device_id_strategy: Literal["uuid", "index"] = Field(default="uuid", alias="deviceIDStrategy")
     cdi_annotation_prefix: str = "cdi.k8s.io/"
     shared_devices_allocation_policy: Literal["distributed", "packed"] = "distributed"
+    nvidia_ctk_path: AbsolutePath | None = Field(default=None, alias="nvidiaCTKPath")
+    """nvidia-ctk (or nvidia-cdi-hook) on the host: the CDI spec gets its update-ldcache hook."""
+    container_driver_root: AbsolutePath | None = None
+    """Where this process sees nvidiaDriverRoot (nodedev in a container); the CDI spec
+    still names host paths under nvidiaDriverRoot."""
 
     @field_validator("device_list_strategy")
     @classmethod
@@ -153,6 +158,29 @@ def _split_strategies(value: str | list[str]) -> tuple[str, ...]:
     return tuple(seen)
 
 
+_GO_DURATION = re.compile(r"(\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+")
+
+
+def _go_duration(value: str | int) -> str | int:
+    if isinstance(value, str) and not _GO_DURATION.fullmatch(value):
+        raise ValueError(f"not a Go duration like '60s' or '1m30s', got {value!r}")
+    return value
+
+
+GoDuration = Annotated[str | int, AfterValidator(_go_duration)]
+"""NVIDIA's Duration: a Go duration string, or a number of nanoseconds."""
+
+
+class GfdFlags(ConfigSection):
+    """GPU Feature Discovery's settings: accepted so NVIDIA's combined config pastes in, unused."""
+
+    oneshot: bool | None = None
+    no_timestamp: bool | None = None
+    sleep_interval: GoDuration | None = None
+    output_file: str | None = None
+    machine_type_file: str | None = None
+
+
 class Flags(ConfigSection):
     mig_strategy: Literal["none", "single", "mixed"] = "none"
     fail_on_init_error: bool = True
@@ -162,24 +190,30 @@ class Flags(ConfigSection):
     gds_enabled: bool = False
     mofed_enabled: bool = False
     device_discovery_strategy: Literal["auto", "nvml"] = "auto"
+    mps_root: AbsolutePath | None = None
+    """Only MPS sharing uses it, which nodedev refuses; accepted so NVIDIA's flags paste in."""
+    use_node_feature_api: bool | None = Field(default=None, alias="useNodeFeatureAPI")
+    gfd: GfdFlags | None = None
     plugin: PluginFlags = PluginFlags()
 
 
 class ReplicatedResource(ConfigSection):
-    @model_validator(mode="before")
-    @classmethod
-    def _refused(cls, data: Any) -> Any:
-        return refuse_keys(data, {"rename": f"{NVIDIA_IGNORES_IT}; use renameByDefault", "devices": NVIDIA_IGNORES_IT})
-
     name: str
+    """`nvidia.com/gpu`, `nvidia.com/mig-<profile>`, or the same without `nvidia.com/`, as NVIDIA takes them."""
     replicas: int = Field(ge=2, le=1000)
     """NVIDIA requires at least 2; the cap keeps a typo from making ListAndWatch huge."""
+    rename: str | None = None
+    """Ignored with NVIDIA's log line, as NVIDIA's plugin ignores it."""
+    devices: str | int | list[str | int] | None = None
+    """Ignored with NVIDIA's log line unless `all`: every device is replicated, as in NVIDIA's plugin."""
 
     @field_validator("name")
     @classmethod
     def _nvidia_resource(cls, value: str) -> str:
+        if "/" not in value:
+            value = f"{RESOURCE_DOMAIN}/{value}"
         if value != GPU_RESOURCE and not value.startswith(MIG_RESOURCE_PREFIX):
-            raise ValueError(f"must be {GPU_RESOURCE} or {MIG_RESOURCE_PREFIX}<profile>")
+            raise ValueError(f"must be gpu or mig-<profile>, with or without {RESOURCE_DOMAIN}/")
         return value
 
 
@@ -198,16 +232,49 @@ class TimeSlicing(ConfigSection):
         return value
 
 
+    def ignored_lines(self, form: str, shared_name: Callable[[str], str]) -> list[str]:
+        """NVIDIA's log lines for the per-resource keys its plugin strips."""
+        lines = []
+        if any(r.rename is not None and r.rename != shared_name(r.name) for r in self.resources):
+            lines.append(f"Setting the 'rename' field in sharing.{form}.resources is not yet supported in the config. Ignoring...")
+        if any(r.devices is not None and r.devices != "all" for r in self.resources):
+            lines.append(f"Customizing the 'devices' field in sharing.{form}.resources is not yet supported in the config. Ignoring...")
+        return lines
+
+
+class NamePattern(ConfigSection):
+    pattern: str
+    name: str
+
+
+class ResourcePatterns(ConfigSection):
+    """NVIDIA's top-level `resources`: accepted and ignored, as NVIDIA's plugin ignores it."""
+
+    gpus: list[NamePattern] = []
+    mig: list[NamePattern] = []
+
+
+class Imex(ConfigSection):
+    channel_ids: list[int] = Field(default_factory=list, alias="channelIDs")
+    required: bool = False
+
+    @field_validator("channel_ids")
+    @classmethod
+    def _no_channels(cls, value: list[int]) -> list[int]:
+        if value:
+            raise ValueError("IMEX channels are not supported by nodedev (an empty list is accepted)")
+        return value
+
+
 class Sharing(ConfigSection):
     time_slicing: TimeSlicing | None = None
-    mps: Any = None
+    mps: TimeSlicing | None = None
+    """Same keys as timeSlicing; failRequestsGreaterThanOne is always on, as NVIDIA forces it."""
 
-    @field_validator("mps")
-    @classmethod
-    def _no_mps(cls, value: Any) -> Any:
-        if value is not None:
-            raise ValueError("MPS sharing is not supported by nodedev; use sharing.timeSlicing")
-        return value
+    @property
+    def replicated(self) -> TimeSlicing | None:
+        """What replicates devices: MPS when given (NVIDIA's plugin then ignores timeSlicing)."""
+        return self.mps if self.mps is not None else self.time_slicing
 
 
 class HealthOptions(ConfigSection):
@@ -236,21 +303,22 @@ class HealthOptions(ConfigSection):
 
 
 class NvidiaOptions(DriverOptions):
-    @model_validator(mode="before")
+    @model_validator(mode="wrap")
     @classmethod
-    def _refused(cls, data: Any) -> Any:
-        return refuse_keys(
-            data,
-            {
-                "resources": "renaming GPUs and MIG profiles by pattern is not supported; "
-                "resources are nvidia.com/gpu and nvidia.com/mig-<profile>",
-                "imex": "IMEX channels are not supported by nodedev",
-            },
-        )
+    def _from_environment(cls, data: Any, handler: Callable[[Any], NvidiaOptions]) -> NvidiaOptions:
+        """NVIDIA's environment variables replace the file's keys before validation."""
+        merged, overrides = overlay(data)
+        options = handler(merged)
+        options._environment = overrides
+        return options
+
+    _environment: tuple[Override, ...] = PrivateAttr(default=())
 
     version: Literal["v1"] = "v1"
     flags: Flags = Flags()
+    resources: ResourcePatterns | None = None
     sharing: Sharing = Sharing()
+    imex: Imex | None = None
     health: HealthOptions = HealthOptions()
     cdi_root: AbsolutePath = "/var/run/cdi"
     """Where the CDI spec goes when a cdi-* device list strategy is used."""
@@ -266,15 +334,51 @@ class NvidiaOptions(DriverOptions):
                     )
         return self
 
+    @model_validator(mode="after")
+    def _mps_as_nvidia_allows_it(self) -> NvidiaOptions:
+        """NVIDIA's rules for MPS (validateFlags): not with mixed MIG, and only with an MPS root."""
+        if self.sharing.mps is None:
+            return self
+        if self.flags.mig_strategy == "mixed":
+            raise ValueError("sharing.mps: MPS is not supported with flags.migStrategy mixed (nor by NVIDIA's plugin)")
+        if self.flags.mps_root is None:
+            raise ValueError("sharing.mps needs flags.mpsRoot (NVIDIA's --mps-root, MPS_ROOT), e.g. /run/nvidia/mps")
+        for resource in self.sharing.mps.resources:
+            if resource.name != GPU_RESOURCE:
+                raise ValueError(f"sharing.mps.resources: {resource.name}: MPS shares whole GPUs only ({GPU_RESOURCE})")
+        return self
+
+    @property
+    def environment(self) -> tuple[Override, ...]:
+        """The settings NVIDIA's environment variables decided, in the order of `VARIABLES`."""
+        return self._environment
+
+    def ignored(self) -> list[str]:
+        """One line for each group of keys accepted and ignored, NVIDIA's own words where it has them."""
+        lines = []
+        if self.flags.gfd is not None or self.flags.use_node_feature_api is not None:
+            lines.append(GFD_IGNORED)
+        if self.resources is not None and (self.resources.gpus or self.resources.mig):
+            lines.append(RESOURCES_IGNORED)
+        if self.sharing.mps is not None:
+            lines += self.sharing.mps.ignored_lines("mps", self.shared_name)
+            if self.sharing.time_slicing is not None:
+                lines.append("sharing.timeSlicing ignored: sharing.mps is given, and NVIDIA's plugin then uses MPS")
+            if "fail_requests_greater_than_one" in self.sharing.mps.model_fields_set and not self.sharing.mps.fail_requests_greater_than_one:
+                lines.append("sharing.mps.failRequestsGreaterThanOne is always on, as NVIDIA's plugin forces it")
+        elif self.sharing.time_slicing is not None:
+            lines += self.sharing.time_slicing.ignored_lines("timeSlicing", self.shared_name)
+        return lines
+
     @property
     def replicas(self) -> dict[str, int]:
         """Resource name (before any rename) -> replicas per device."""
-        slicing = self.sharing.time_slicing
+        slicing = self.sharing.replicated
         return {r.name: r.replicas for r in slicing.resources} if slicing else {}
 
     def shared_name(self, resource: str) -> str:
         """The advertised name: `<name>.shared` for a replicated resource under renameByDefault."""
-        slicing = self.sharing.time_slicing
+        slicing = self.sharing.replicated
         if slicing is not None and slicing.rename_by_default and resource in self.replicas:
             return f"{resource}.shared"
         return resource

@@ -122,6 +122,8 @@ def build_units(gpus: Sequence[GPU], options: NvidiaOptions, warn: list[str] | N
     result: dict[str, list[Unit]] = {}
     for resource, targets in _grouped_targets(gpus, options.flags.mig_strategy, warnings).items():
         count = replicas.get(resource)
+        if count is not None and options.sharing.mps is not None and any(mig for _, mig in targets):
+            raise ResourceError("sharing.mps: sharing using MPS is not supported for MIG devices (nor by NVIDIA's plugin)")
         units: list[Unit] = []
         for gpu, mig in targets:
             uuid = mig.uuid if mig else gpu.uuid

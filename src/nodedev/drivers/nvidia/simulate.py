@@ -6,6 +6,11 @@ NVML alone is not a node, though: the driver also reads NUMA nodes from sysfs,
 hands out /dev/nvidia* paths and finds MIG capability minors under /proc. `prepare`
 builds all of that from the same fixture, so the pieces cannot disagree.
 
+The node also gets a driver root (`flags.nvidiaDriverRoot`): the driver's
+libraries by their versioned names, its binaries and GSP firmware, and stand-in
+`nvidia-ctk` and `nvidia-cuda-mps-control` scripts that record how they were
+called, so the CDI spec the driver writes names files that exist.
+
 `simulate` is what `NvidiaDriver.simulate` (and so `nodedev --simulate`) calls: it
 returns the driver's own config section pointing at the trees, never the host's
 top-level roots, so the other drivers keep the real /sys and /dev.
@@ -22,6 +27,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from nodedev.drivers.nvidia.fakeroot import CALLS_FILE, CTK_RELPATH, build_driver_root
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 FIXTURES_DIR = PACKAGE_DIR / "fixtures"
@@ -47,6 +54,7 @@ _MIG_CAPS_PER_GPU = _MIG_GPU_INSTANCES * _MIG_CAPS_PER_GI
 _CAP_FILE_MODE_READ_ALL = 0o444  # as the driver publishes gi/ci access files
 _CAP_FILE_MODE_CONFIG = 0o400
 
+
 _loaded: list[ctypes.CDLL] = []  # keeps the fake loaded for the life of the process
 log = logging.getLogger("nodedev.drivers.nvidia")
 
@@ -69,6 +77,8 @@ class FixtureGpu:
     pci_device_id: int
     """NVML form: (device << 16) | vendor."""
     pci_subsystem_id: int
+    present: bool = True
+    """False: off the bus at start (`present 0`), until `SimulatedNode.plug`."""
 
     @property
     def sysfs_bus_id(self) -> str:
@@ -108,6 +118,9 @@ class SimulatedNode:
     events_file: Path
     """The fake's control file (NODEDEV_FAKE_NVML_EVENTS); see `inject`."""
     library: Path
+    driver_root: Path
+    """The simulated `nvidiaDriverRoot`: usr/lib/..., usr/bin/..., lib/firmware/nvidia/<version>/, and dev/."""
+    driver_version: str
     gpus: tuple[FixtureGpu, ...] = field(default=())
     migs: tuple[FixtureMig, ...] = field(default=())
 
@@ -117,6 +130,32 @@ class SimulatedNode:
             raise ValueError(f"one control line at a time, got {line!r}")
         with self.events_file.open("a") as f:
             f.write(line + "\n")
+
+    def plug(self, index: int) -> None:
+        """GPU `index` of the fixture arrives: its PCI device and node appear, then NVML can list it."""
+        gpu = self.gpus[index]
+        add_pci_device(self.sysfs_root, gpu)
+        _write(self.dev_root / f"nvidia{gpu.minor}", "")
+        self.inject(f"plug {index}")
+
+    def unplug(self, index: int, *, pci_gone: bool = True) -> None:
+        """GPU `index` leaves the bus: NVML loses it at once (Xid 79); unless `pci_gone` is
+        False its PCI device and node go too, as on a hot removal."""
+        gpu = self.gpus[index]
+        self.inject(f"unplug {index}")
+        if pci_gone:
+            remove_pci_device(self.sysfs_root, gpu.sysfs_bus_id)
+            (self.dev_root / f"nvidia{gpu.minor}").unlink(missing_ok=True)
+
+    @property
+    def ctk(self) -> Path:
+        """The stand-in nvidia-ctk, for `flags.plugin.nvidiaCTKPath`."""
+        return self.driver_root / CTK_RELPATH
+
+    def calls(self) -> list[list[str]]:
+        """What the stand-in binaries were run with, one argument list per run."""
+        path = self.driver_root / CALLS_FILE
+        return [line.split() for line in path.read_text().splitlines()] if path.exists() else []
 
     def config_section(self) -> dict[str, Any]:
         """The `drivers.nvidia` keys that point the driver at this simulation.
@@ -130,6 +169,7 @@ class SimulatedNode:
             "devRoot": str(self.dev_root),
             "procRoot": str(self.proc_root),
             "cdiRoot": str(self.cdi_root),
+            "flags": {"nvidiaDriverRoot": str(self.driver_root)},
         }
 
     def environ(self) -> dict[str, str]:
@@ -265,6 +305,7 @@ def _fixture_gpu(block: dict[str, str]) -> FixtureGpu:
             numa_node=int(block.get("numa_node", "-1")),
             pci_device_id=int(block.get("pci_device_id", "0"), 0),
             pci_subsystem_id=int(block.get("pci_subsystem_id", "0"), 0),
+            present=block.get("present", "1") != "0",
         )
     except (KeyError, ValueError) as err:
         raise FixtureError(f"{block['where']}: GPU block: bad or missing {err}") from None
@@ -319,6 +360,8 @@ def prepare(fixture: Path, workdir: Path) -> SimulatedNode:
         cdi_root=workdir / "cdi",
         events_file=workdir / "nvml-events",
         library=library,
+        driver_root=workdir,
+        driver_version=parsed.driver_version,
         gpus=parsed.gpus,
         migs=parsed.migs,
     )
@@ -326,6 +369,7 @@ def prepare(fixture: Path, workdir: Path) -> SimulatedNode:
     _build_sysfs(node.sysfs_root, parsed)
     _build_dev(node.dev_root, parsed)
     _build_proc(node.proc_root, parsed)
+    build_driver_root(node.driver_root, parsed.driver_version)
     os.environ[ENV_FIXTURE] = str(fixture)
     os.environ[ENV_EVENTS] = str(node.events_file)
     # Loaded by path and globally: pynvml's CDLL("libnvidia-ml.so.1") then finds this
@@ -340,19 +384,37 @@ def _write(path: Path, text: str) -> None:
 
 
 def _build_sysfs(root: Path, fixture: Fixture) -> None:
-    drivers = root / "bus" / "pci" / "drivers" / "nvidia"
-    drivers.mkdir(parents=True, exist_ok=True)
+    (root / "bus" / "pci" / "devices").mkdir(parents=True, exist_ok=True)
+    (root / "bus" / "pci" / "drivers" / "nvidia").mkdir(parents=True, exist_ok=True)
     for gpu in fixture.gpus:
-        bdf = gpu.sysfs_bus_id
-        dev = root / "bus" / "pci" / "devices" / bdf
-        _write(dev / "vendor", f"0x{NVIDIA_VENDOR:04x}\n")
-        _write(dev / "device", f"0x{gpu.pci_device_id >> 16:04x}\n")
-        _write(dev / "subsystem_vendor", f"0x{gpu.pci_subsystem_id & 0xFFFF:04x}\n")
-        _write(dev / "subsystem_device", f"0x{gpu.pci_subsystem_id >> 16:04x}\n")
-        _write(dev / "class", f"0x{PCI_CLASS_3D_CONTROLLER:06x}\n")
-        _write(dev / "numa_node", f"{gpu.numa_node}\n")
-        _symlink(dev / "driver", Path("..") / ".." / "drivers" / "nvidia")
-        _symlink(drivers / bdf, Path("..") / ".." / "devices" / bdf)
+        if gpu.present:
+            add_pci_device(root, gpu)
+
+
+def add_pci_device(root: Path, gpu: FixtureGpu) -> None:
+    """The PCI device, built aside and renamed in, so a watcher never sees half of it."""
+    bdf = gpu.sysfs_bus_id
+    devices = root / "bus" / "pci" / "devices"
+    staging = root / "bus" / "pci" / f".{bdf}.new"
+    _write(staging / "vendor", f"0x{NVIDIA_VENDOR:04x}\n")
+    _write(staging / "device", f"0x{gpu.pci_device_id >> 16:04x}\n")
+    _write(staging / "subsystem_vendor", f"0x{gpu.pci_subsystem_id & 0xFFFF:04x}\n")
+    _write(staging / "subsystem_device", f"0x{gpu.pci_subsystem_id >> 16:04x}\n")
+    _write(staging / "class", f"0x{PCI_CLASS_3D_CONTROLLER:06x}\n")
+    _write(staging / "numa_node", f"{gpu.numa_node}\n")
+    _symlink(staging / "driver", Path("..") / ".." / "drivers" / "nvidia")
+    remove_pci_device(root, bdf)
+    staging.rename(devices / bdf)
+    _symlink(root / "bus" / "pci" / "drivers" / "nvidia" / bdf, Path("..") / ".." / "devices" / bdf)
+
+
+def remove_pci_device(root: Path, bdf: str) -> None:
+    device = root / "bus" / "pci" / "devices" / bdf
+    (root / "bus" / "pci" / "drivers" / "nvidia" / bdf).unlink(missing_ok=True)
+    if device.is_dir():
+        for entry in device.iterdir():
+            entry.unlink()
+        device.rmdir()
 
 
 def _symlink(link: Path, target: Path) -> None:
@@ -364,7 +426,7 @@ def _symlink(link: Path, target: Path) -> None:
 def _build_dev(root: Path, fixture: Fixture) -> None:
     """Plain files stand in for the character devices: paths are what the driver hands out."""
     names = ["nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "nvidia-modeset"]
-    names += [f"nvidia{gpu.minor}" for gpu in fixture.gpus]
+    names += [f"nvidia{gpu.minor}" for gpu in fixture.gpus if gpu.present]
     if fixture.migs:
         names += ["nvidia-caps/nvidia-cap1", "nvidia-caps/nvidia-cap2"]
         names += [f"nvidia-caps/nvidia-cap{minor}" for minor in _mig_minors_in_use(fixture)]
