@@ -57,11 +57,23 @@ def netdev(workdir: Path) -> dict[str, Any]:
     return {"enabled": True, "sysfsRoot": str(net.root), "procRoot": str(net.proc), "resourceList": resources}
 
 
+def vfio(workdir: Path) -> dict[str, Any]:
+    """Its own simulation, whose group nodes are character devices only for root."""
+    if os.geteuid() != 0:
+        pytest.skip("the VFIO fixture's group nodes need root (mknod)")
+    from nodedev.drivers.vfio import simulate
+
+    section = simulate.simulate(simulate.NAME, workdir)
+    assert section is not None
+    return section
+
+
 SETUPS: dict[str, Setup] = {
     "kvm": devnode("kvm", os.makedev(10, 232)),
     "tun": devnode("net/tun", os.makedev(10, 200)),
     "vhost-net": devnode("vhost-net", os.makedev(10, 238)),
     "netdev": netdev,
+    "vfio": vfio,
 }
 
 NAMES = sorted(drivers.NAMES)

@@ -15,7 +15,10 @@ NAMES: dict[str, str] = {
     "kvm": "nodedev.drivers.devnodes:KvmDriver",
     "netdev": "nodedev.drivers.netdev:NetdevDriver",
     "nvidia": "nodedev.drivers.nvidia:NvidiaDriver",
+    "rdma": "nodedev.drivers.rdma:RdmaDriver",
+    "sriov": "nodedev.drivers.sriov:SriovDriver",
     "tun": "nodedev.drivers.devnodes:TunDriver",
+    "vfio": "nodedev.drivers.vfio:VfioDriver",
     "vhost-net": "nodedev.drivers.devnodes:VhostNetDriver",
 }
 

@@ -1,0 +1,7 @@
+"""Driver `sriov`: SR-IOV VFs as the SR-IOV network device plugin serves them, plus live
+changes and link health. `options` holds the plugin's config, `driver` the discovery and
+Allocate, `simulate` the `--simulate sriov` node."""
+
+from nodedev.drivers.sriov.driver import SriovDriver
+
+__all__ = ["SriovDriver"]
