@@ -6,8 +6,9 @@ that is not an extended resource; dials the plugin's socket *before* answering
 Register (so a plugin that registers before serving fails); calls
 GetDevicePluginOptions; keeps one ListAndWatch stream per resource and records
 every list; a second Register for a resource replaces the first endpoint;
-restart() wipes the directory (all but the checkpoint) and serves a new
-kubelet.sock. Everything a test waits for goes through `wait`, with a timeout.
+restart() wipes the directory (every file but the checkpoint; directories
+are spared, as the kubelet spares them) and serves a new kubelet.sock.
+Everything a test waits for goes through `wait`, with a timeout.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class KubeletDouble:
         self.endpoints: dict[str, Endpoint] = {}
         self.history: dict[str, list[DeviceView]] = {}
         self.restarts = 0
+        self._lives = 0
         self._cond = threading.Condition()
         self._server: grpc.Server | None = None
 
@@ -87,6 +89,8 @@ class KubeletDouble:
         self._server = server
 
     def stop(self) -> None:
+        with self._cond:
+            self._lives += 1  # from here on, handlers still running belong to a dead kubelet
         if self._server is not None:
             self._server.stop(0).wait(5)
             self._server = None
@@ -103,6 +107,8 @@ class KubeletDouble:
         """
         self.stop()
         for entry in self.plugin_dir.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                continue  # the kubelet spares directories (nodedev keeps its status socket in one)
             if entry.name != CHECKPOINT and (wipe or entry.name == self.socket.name):
                 entry.unlink(missing_ok=True)
         with self._cond:
@@ -153,18 +159,22 @@ class KubeletDouble:
 
     def _register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.Empty:
         with self._cond:
-            incarnation = self.restarts
+            incarnation, life = self.restarts, self._lives
         existed = "/" not in request.endpoint and (self.plugin_dir / request.endpoint).exists()
         try:
             result = self._accept(request, context, incarnation)
         except BaseException:
-            self._record(request.resource_name, incarnation, existed, accepted=False)
+            self._record(request.resource_name, incarnation, life, existed, accepted=False)
             raise
-        self._record(request.resource_name, incarnation, existed, accepted=True)
+        self._record(request.resource_name, incarnation, life, existed, accepted=True)
         return result
 
-    def _record(self, resource: str, incarnation: int, existed: bool, *, accepted: bool) -> None:
+    def _record(self, resource: str, incarnation: int, life: int, existed: bool, *, accepted: bool) -> None:
+        """Records a Register, unless this kubelet was stopped while handling it: a real
+        kubelet's process is gone by then, and the wipe that follows a stop is not ours to judge."""
         with self._cond:
+            if life != self._lives:
+                return
             self.register_log.append(RegisterRecord(resource, incarnation, existed, accepted))
             self._cond.notify_all()
 

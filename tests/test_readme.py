@@ -19,7 +19,7 @@ def yaml_blocks() -> list[str]:
     return re.findall(r"```yaml\n(.*?)```", README.read_text(), flags=re.S)
 
 
-@pytest.mark.parametrize("block", [b for b in yaml_blocks() if re.match(r"^(netdev|nvidia):", b)], ids=lambda b: b.split(":")[0])
+@pytest.mark.parametrize("block", [b for b in yaml_blocks() if re.match(r"^(netdev|nvidia|vfio|sriov|rdma):", b)], ids=lambda b: b.split(":")[0])
 def test_each_driver_example_is_a_valid_section(block: str, tmp_path: Path) -> None:
     name, section = next(iter(yaml.safe_load(block).items()))
     if name == "nvidia":

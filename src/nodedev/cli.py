@@ -1,4 +1,4 @@
-"""The `nodedev` command: serve, discover, watch.
+"""The `nodedev` command: serve, discover, watch, status.
 
 Only argparse, logging and the version are imported up front, so `--version`
 and `--help` answer at once; each command imports what it uses when it runs
@@ -170,6 +170,11 @@ def _parser() -> argparse.ArgumentParser:
         "--connect", action="store_true", help="follow a running daemon's sockets in pluginDir instead of running the drivers here"
     )
     watch.set_defaults(command="watch")
+
+    status = sub.add_parser("status", help="ask the running daemon what it serves, its registrations and failed drivers")
+    _add_common(status, log_level="warning")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(command="status")
     return parser
 
 
@@ -222,7 +227,31 @@ async def _discover(cfg: Config, args: argparse.Namespace, reload: Reload) -> in
     return EXIT_ERROR if any(runner.driver is None for runner in inventory.runners.values()) else EXIT_OK
 
 
-_COMMANDS: dict[str, Command] = {"serve": _serve, "discover": _discover, "watch": _watch}
+async def _status(cfg: Config, args: argparse.Namespace, reload: Reload) -> int:
+    """Asks the daemon serving this config's pluginDir over its status socket; exit 1 if none answers."""
+    from nodedev import status
+
+    path = status.socket_path(cfg.plugin_dir, cfg.status_socket)
+    try:
+        report = status.fetch(path)
+    except status.StatusError as err:
+        raise _Refused(f"nodedev: status: {err}", EXIT_ERROR) from None
+    if args.json:
+        import json
+
+        print(json.dumps(report, indent=2))
+        return EXIT_OK
+    rows: list[dict[str, object]] = [
+        {"driver": d["name"], "resource": None, "error": d["error"], "devices": []} for d in report["drivers"] if d["error"] is not None
+    ]
+    rows += [{"driver": r["driver"], "resource": r["name"], "devices": r["devices"]} for r in report["resources"]]
+    print(status.summary(report))
+    print()
+    print(_table(rows))
+    return EXIT_OK
+
+
+_COMMANDS: dict[str, Command] = {"serve": _serve, "discover": _discover, "watch": _watch, "status": _status}
 
 
 def _rows(inventory: Inventory) -> list[dict[str, object]]:

@@ -76,6 +76,8 @@ class _FileModel(ConfigSection):
     proc_root: str = "/proc"
     hotplug: HotplugSettings = HotplugSettings()
     metrics_address: str = ""
+    health_address: str = ""
+    status_socket: str = ""
     drivers: dict[str, dict[str, Any] | None] = {}
 
     @field_validator("plugin_dir", "sysfs_root", "dev_root", "proc_root")
@@ -97,7 +99,17 @@ class _FileModel(ConfigSection):
             )
         return value
 
-    @field_validator("metrics_address")
+    @field_validator("status_socket")
+    @classmethod
+    def _socket_path(cls, value: str) -> str:
+        """Empty: `<pluginDir>/nodedev/status.sock`. Otherwise a path a unix socket can have."""
+        if problem := value and path_problem(value):
+            raise ValueError(problem)
+        if len(os.fsencode(value)) > MAX_SOCKET_PATH:
+            raise ValueError(f"is longer than {MAX_SOCKET_PATH} bytes, the most a unix socket path holds")
+        return value
+
+    @field_validator("metrics_address", "health_address")
     @classmethod
     def _host_port(cls, value: str) -> str:
         if value:
@@ -126,6 +138,8 @@ class Config:
     hotplug: HotplugSettings
     metrics_address: str
     drivers: tuple[EnabledDriver, ...]
+    health_address: str = ""  # `host:port` for /healthz and /readyz; empty: off
+    status_socket: str = ""  # what `nodedev status` asks; empty: <pluginDir>/nodedev/status.sock
 
 
 _DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
@@ -263,6 +277,8 @@ def parse(text: str, path: Path, overrides: Mapping[str, Any] | None = None) -> 
         proc_root=Path(model.proc_root),
         hotplug=model.hotplug,
         metrics_address=model.metrics_address,
+        health_address=model.health_address,
+        status_socket=model.status_socket,
         drivers=enabled,
     )
 

@@ -1,11 +1,13 @@
 """`nodedev serve`: the inventory's resources served to the kubelet, and kept served.
 
 The daemon's life has explicit phases. Prepare: take the plugin directory (one
-daemon per directory) and the metrics port; any failure is one line and exit 1.
-Start: drivers start and scan, each resource is served, then registered. Run:
-kubelet restarts (our sockets wiped, a new kubelet.sock) are served again and
-re-registered; SIGHUP reloads the config. Stop: always runs, ends the streams,
-removes the sockets, and is bounded in time whatever is in flight.
+daemon per directory), the HTTP ports (metrics, probes) and the status socket;
+any failure is one line and exit 1. Start: drivers start and scan, each resource
+is served, then registered; systemd hears READY=1 once every served resource is
+registered. Run: kubelet restarts (our sockets wiped, a new kubelet.sock) are
+served again and re-registered; SIGHUP, or a change of the config file (a
+ConfigMap update included), reloads the config. Stop: always runs, ends the
+streams, removes the sockets, and is bounded in time whatever is in flight.
 
 Everything runs on one asyncio loop; drivers' blocking work runs in threads
 through the inventory.
@@ -20,13 +22,15 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from nodedev import metrics
+from nodedev import metrics, probes, report, status
 from nodedev.config import Config, ConfigError
+from nodedev.configwatch import ConfigFollower
 from nodedev.driver import Device
 from nodedev.hotplug import Changes, PathWatcher
 from nodedev.inventory import Change, Inventory
 from nodedev.plugindir import PluginDirError, PluginDirLock
 from nodedev.registration import KUBELET_SOCKET, Registrar
+from nodedev.sdnotify import Notifier
 from nodedev.server import ResourceServer, ServeError
 
 log = logging.getLogger("nodedev.daemon")
@@ -35,6 +39,20 @@ BACKSTOP_INTERVAL_S = 120.0
 """How often sockets and kubelet.sock are checked by hand, in case an inotify event was lost."""
 STOP_TIMEOUT_S = 1.5
 """The most the stop phase may take; SIGTERM must end the process within 2 s."""
+READY_POLL_S = 0.02
+"""How often, until systemd has been told READY=1, registration is checked (it reports no event)."""
+
+_START_ONLY = {
+    "plugin_dir": "pluginDir",
+    "sysfs_root": "sysfsRoot",
+    "dev_root": "devRoot",
+    "proc_root": "procRoot",
+    "hotplug": "hotplug",
+    "metrics_address": "metricsAddress",
+    "health_address": "healthAddress",
+    "status_socket": "statusSocket",
+}
+"""Config keys read once, at start: a reload that changes one says it needs a restart."""
 
 EXIT_OK = 0
 EXIT_ENVIRONMENT = 1
@@ -53,6 +71,16 @@ class Daemon:
         self._recovering = asyncio.Lock()
         self._stop = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
+        self.phase = "starting"
+        """starting, running or stopping: what /readyz reports before anything else."""
+        self.notify = Notifier()
+        self.endpoints = probes.Endpoints()
+        self._told_ready = False
+        self._kubelet: tuple[int, int] | None = None
+        """The kubelet.sock last seen (inode, ctime): a different one is a kubelet restart."""
+        self.kubelet_restarts = 0
+        self.follower: ConfigFollower | None = None
+        self.status_server = status.StatusServer(status.socket_path(config.plugin_dir, config.status_socket), lambda: report.status(self))
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -66,20 +94,39 @@ class Daemon:
         if self._reload_config is not None:
             loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self._reload()))
         try:
-            if self.config.metrics_address:
-                metrics.serve(self.config.metrics_address)
-                log.info("metrics on http://%s/metrics", self.config.metrics_address)
+            self._listen(loop)
+            await self.status_server.start()
             return await self._run()
-        except metrics.MetricsError as err:
+        except (probes.ListenError, status.StatusError) as err:
             log.error("%s", err)
             return EXIT_ENVIRONMENT
         finally:
+            await self.status_server.close()
+            await asyncio.to_thread(self.endpoints.close)
+            self.notify.close()
             lock.release()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
 
+    def _listen(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The HTTP endpoints: /metrics on metricsAddress, probes on healthAddress (one server if both are equal)."""
+        routes: dict[str, dict[str, probes.Route]] = {}
+        keys: dict[str, list[str]] = {}
+        if address := self.config.metrics_address:
+            metrics.enable()  # before any resource exists, so every series is real from the start
+            routes.setdefault(address, {})["/metrics"] = _metrics_page
+            keys.setdefault(address, []).append("metricsAddress")
+        if address := self.config.health_address:
+            routes.setdefault(address, {}).update(probes.health_routes(loop, lambda: report.readiness(self)))
+            keys.setdefault(address, []).append("healthAddress")
+        for address, paths in routes.items():
+            self.endpoints.listen(address, paths, key=" and ".join(keys[address]))
+            log.info("serving %s on http://%s", ", ".join(sorted(paths)), address)
+
     async def _run(self) -> int:
         self.paths.start(asyncio.get_running_loop())
+        if self.notify.watchdog_s is not None:
+            self._spawn(self._watchdog(self.notify.watchdog_s))
         try:
             startup = asyncio.create_task(self._start())
             stopping = asyncio.create_task(self._stop.wait())
@@ -92,7 +139,9 @@ class Daemon:
                 log.error("%s", failed)
                 return EXIT_ENVIRONMENT
             else:
+                self.phase = "running"
                 self._spawn(self._backstop())
+                self._spawn(self._announce_ready())
                 await self._stop.wait()
             return EXIT_OK
         finally:
@@ -101,10 +150,17 @@ class Daemon:
     async def _start(self) -> str | None:
         """Starts drivers, serves and registers every resource; the reason if nothing can be served."""
         self.inventory.add_listener(self._on_resource)
+        self.notify.status("starting drivers")
         await self.inventory.start()
+        for name in self.inventory.runners:
+            metrics.driver_added(name)
         if not self.inventory.started:
             return f"no driver is serving ({_why_none(self)}); nothing to do"
         self.plugin_dir_watch = self.paths.watch(self.config.plugin_dir, self._on_plugin_dir_change, Changes.ENTRIES)
+        self._kubelet = self._kubelet_identity()
+        if self._reload_config is not None and self.config.path.is_file():  # not `--simulate` alone
+            self.follower = ConfigFollower(self.config.path, self.paths, self._reload)
+            self.follower.start()
         async with self._recovering:
             self._serving = True  # from here on, a new resource is served as it appears
             initial = list(self.servers.values())
@@ -117,6 +173,8 @@ class Daemon:
 
     async def _shutdown(self) -> None:
         """Always runs; bounded, so SIGTERM ends the process within 2 s whatever is in flight."""
+        self.phase = "stopping"
+        self.notify.stopping()
         try:
             await asyncio.wait_for(self._stop_everything(), STOP_TIMEOUT_S)
         except TimeoutError:
@@ -124,6 +182,8 @@ class Daemon:
         log.info("stopped")
 
     async def _stop_everything(self) -> None:
+        if self.follower is not None:
+            await self.follower.close()
         tasks = list(self._background)
         for task in tasks:
             task.cancel()
@@ -143,6 +203,29 @@ class Daemon:
         log.info("%s received, stopping", sig.name)
         self._stop.set()
 
+    # --- readiness: systemd ------------------------------------------------------
+
+    async def _announce_ready(self) -> None:
+        """READY=1 once every served resource is registered. Only under systemd: registration
+        reports no event, so this checks on a short period until the moment has come."""
+        if not self.notify.enabled:
+            return
+        told = -1
+        while waiting := report.unregistered(self, served_only=True):
+            if len(waiting) != told:
+                told = len(waiting)
+                self.notify.status(f"serving; waiting for the kubelet to register {told} resource(s)")
+            await asyncio.sleep(READY_POLL_S)
+        self.notify.ready(f"serving {sum(s.serving for s in self.servers.values())} resource(s), all registered")
+        self._told_ready = True
+        log.debug("told systemd READY=1")
+
+    async def _watchdog(self, interval: float) -> None:
+        """WATCHDOG=1 from the loop itself: a stuck loop stops the pings and systemd restarts us."""
+        while True:
+            self.notify.watchdog()
+            await asyncio.sleep(interval)
+
     # --- reload ----------------------------------------------------------------
 
     async def _reload(self) -> None:
@@ -153,18 +236,36 @@ class Daemon:
         changed). Resources no driver serves any more are stopped for good.
         """
         assert self._reload_config is not None
+        told = self._told_ready  # before READY=1, systemd hears of no reload: READY=1 comes as usual
+        if told:
+            self.notify.reloading()
+        try:
+            await self._apply_reload()
+        finally:
+            if told and not self._stop.is_set():
+                self.notify.ready("reloaded")
+
+    async def _apply_reload(self) -> None:
+        assert self._reload_config is not None
+        if self.follower is not None:
+            await asyncio.to_thread(self.follower.read_now)
         try:
             new = await asyncio.to_thread(self._reload_config)
         except ConfigError as err:
             log.error("config reload refused, still running the previous config: %s", err)
             return
-        for key in ("plugin_dir", "sysfs_root", "dev_root", "proc_root", "hotplug", "metrics_address"):
-            if getattr(new, key) != getattr(self.config, key):
-                log.warning("config reload: %s changed; that takes effect at the next start", key)
+        for attribute, key in _START_ONLY.items():
+            if getattr(new, attribute) != getattr(self.config, attribute):
+                log.warning("config reload: %s changed; that takes effect at the next start (restart nodedev)", key)
         async with self._recovering:
             if self._stop.is_set():
                 return
+            before = set(self.inventory.runners)
             dropped, restarted = await self.inventory.reconfigure(replace(self.config, drivers=new.drivers))
+            for name in before - set(self.inventory.runners):
+                metrics.forget_driver(name)
+            for name in set(self.inventory.runners) - before:
+                metrics.driver_added(name)
             for resource in dropped:
                 await self._drop(resource)
             for resource in restarted:
@@ -190,6 +291,7 @@ class Daemon:
             return
         server = self.servers.get(resource)
         if server is None:
+            metrics.resource_added(resource)
             server = self.servers[resource] = ResourceServer(resource, runner.driver, self.config.plugin_dir)
             server.update(devices)
             if self._serving:  # a resource that appeared after start, e.g. a new MIG profile
@@ -232,12 +334,31 @@ class Daemon:
                 await server.stop()  # ends streams of the wiped socket; a no-op if it never served
                 await self._start_server(server)
             if check_kubelet:
+                self._count_kubelet_restart()
                 self.registrar.kubelet_appeared([s for s in self.servers.values() if s.serving])
 
     async def _backstop(self) -> None:
         while True:
             await asyncio.sleep(BACKSTOP_INTERVAL_S)
             self.backstop_check()
+
+    def _count_kubelet_restart(self) -> None:
+        kubelet = self._kubelet_identity()
+        if kubelet is None or kubelet == self._kubelet:
+            return
+        if self._kubelet is not None:
+            self.kubelet_restarts += 1
+            metrics.KUBELET_RESTARTS.inc()
+            log.info("a new kubelet.sock: the kubelet restarted")
+        self._kubelet = kubelet
+
+    def _kubelet_identity(self) -> tuple[int, int] | None:
+        """Inode and change time, as registration tells kubelet.sock files apart."""
+        try:
+            st = (self.config.plugin_dir / KUBELET_SOCKET).stat()
+        except OSError:
+            return None
+        return st.st_ino, st.st_ctime_ns
 
     def backstop_check(self) -> None:
         """Re-arms a lost watch and checks every socket and kubelet.sock by hand."""
@@ -249,3 +370,8 @@ def _why_none(daemon: Daemon) -> str:
     if not daemon.config.drivers:
         return f"no driver is enabled in {daemon.config.path}"
     return "; ".join(f"{r.name}: {r.error}" for r in daemon.inventory.runners.values())
+
+
+def _metrics_page(headers: Mapping[str, str]) -> probes.Answer:
+    content_type, body = metrics.page(headers)
+    return probes.Answer(200, content_type, body)

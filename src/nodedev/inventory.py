@@ -17,6 +17,7 @@ import asyncio
 import logging
 import re
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -199,7 +200,13 @@ class Inventory:
             runner.changed.update(changed)
         runner.wanted.set()
 
+    def _on_event(self, driver: str, changed: Collection[str] | None) -> None:
+        metrics.EVENTS.labels(driver).inc()
+        self.request_rescan(driver, changed)
+
     def resync_all(self, reason: str) -> None:
+        """An event source lost events (overflow, a failed socket): every driver reads everything."""
+        metrics.RESYNCS.labels("lost events").inc()
         log.info("resyncing every driver: %s", reason)
         for runner in self.started:
             self.request_rescan(runner.name)
@@ -247,7 +254,7 @@ class Inventory:
 
         self.events = HotplugEngine(
             source=self.config.hotplug.source,
-            on_match=self.request_rescan,
+            on_match=self._on_event,
             on_lost=self.resync_all,
             log=logging.getLogger("nodedev.hotplug"),
             paths=self._paths,
@@ -271,6 +278,7 @@ class Inventory:
     async def _resync_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.hotplug.resync_seconds)
+            metrics.RESYNCS.labels("periodic").inc()
             for runner in self.started:
                 self.request_rescan(runner.name)
 
@@ -287,9 +295,11 @@ class Inventory:
             with runner.lock:
                 return driver.scan(changed), driver.watch_paths()
 
+        started = time.perf_counter()
         try:
             snapshot, paths = await asyncio.to_thread(scan)
         except Exception as err:  # noqa: BLE001 - keep the last good snapshot and say why
+            metrics.SCAN_SECONDS.labels(runner.name).observe(time.perf_counter() - started)
             metrics.SCANS.labels(runner.name, "failed").inc()
             log.error("driver %s: scan failed, keeping the previous device list: %s", runner.name, err)
             runner.changed = None  # what this scan was told is not read yet
@@ -297,6 +307,7 @@ class Inventory:
         if runner.driver is not driver:  # stopped by a reload while it scanned
             return
         runner.scans += 1
+        metrics.SCAN_SECONDS.labels(runner.name).observe(time.perf_counter() - started)
         metrics.SCANS.labels(runner.name, "ok").inc()
         log.debug("driver %s: scan %d done (%s)", runner.name, runner.scans, "full" if changed is None else f"{len(changed)} named")
         if self.events is not None:

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import re
+import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -93,6 +94,8 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
         self._closing = False
         self._inode: int | None = None
         self._allocated_ok = metrics.ALLOCATIONS.labels(resource, "ok")
+        self._allocate_seconds = metrics.ALLOCATE_SECONDS.labels(resource)
+        self._preferred_seconds = metrics.PREFERRED_SECONDS.labels(resource)
 
     @property
     def options(self) -> pb.DevicePluginOptions:
@@ -207,6 +210,7 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
             yield self._response
 
     async def Allocate(self, request: pb.AllocateRequest, context: grpc.aio.ServicerContext) -> pb.AllocateResponse:
+        started = time.perf_counter()
         containers = [list(c.devices_ids) for c in request.container_requests]
         total = sum(len(ids) for ids in containers)
         try:
@@ -216,6 +220,8 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
         except Exception as err:
             log.debug("%s: allocate failed", self.resource, exc_info=True)
             await self._refuse(context, "failed", grpc.StatusCode.INTERNAL, f"{self.resource}: allocate failed: {type(err).__name__}: {err}"[:500])
+        finally:
+            self._allocate_seconds.observe(time.perf_counter() - started)
         raise AssertionError("unreachable: abort raises")
 
     def _allocate(self, containers: list[list[str]]) -> pb.AllocateResponse:
@@ -249,6 +255,7 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
     ) -> pb.PreferredAllocationResponse:
         if not self.driver.implements("preferred_allocation"):
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{self.resource}: no preferred allocation")
+        started = time.perf_counter()
         containers = list(request.container_requests)
         total = sum(len(c.available_deviceIDs) + len(c.must_include_deviceIDs) for c in containers)
         try:
@@ -259,6 +266,8 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
         except Exception as err:
             log.debug("%s: preferred allocation failed", self.resource, exc_info=True)
             await context.abort(grpc.StatusCode.INTERNAL, f"{self.resource}: preferred allocation failed: {type(err).__name__}"[:500])
+        finally:
+            self._preferred_seconds.observe(time.perf_counter() - started)
         raise AssertionError("unreachable: abort raises")
 
     def _preferred(self, containers: list[pb.ContainerPreferredAllocationRequest]) -> pb.PreferredAllocationResponse:
