@@ -9,6 +9,9 @@ prints its changes.
 Scans are not spaced: a driver is scanned at once when no scan of it is in
 flight, and whatever asks while one runs folds into a single follow-up scan,
 told the union of the device names that changed (or "everything").
+
+Before a snapshot is applied, a device that left its resource while a pod holds
+it stays there, Unhealthy, until the kubelet says it is released (`podresources`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from nodedev import metrics
 from nodedev.config import Config, EnabledDriver, resource_name_problem
 from nodedev.driver import MAX_DEVICE_ID_LENGTH, Device, Driver, DriverError, HostContext, Snapshot
+from nodedev.podresources import InUse, PodResourcesClient, socket_path
 
 if TYPE_CHECKING:
     from nodedev.hotplug import HotplugEngine, PathWatcher
@@ -84,6 +88,8 @@ class Inventory:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._paths = paths
         self.events: HotplugEngine | None = None
+        self.in_use = InUse(PodResourcesClient(socket_path(config.plugin_dir)), self.request_rescan)
+        """Held devices that moved stay where they were until released (see podresources)."""
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -123,6 +129,7 @@ class Inventory:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        await self.in_use.close()
         await asyncio.gather(*(self._stop_driver(r) for r in self.started))
 
     async def reconfigure(self, config: Config) -> tuple[list[str], list[str]]:
@@ -141,6 +148,8 @@ class Inventory:
         for name in going:
             runner = self.runners.pop(name)
             self.owners = {res: owner for res, owner in self.owners.items() if owner != name}
+            if name not in new:  # a restarted driver keeps what it kept: still held, still moved
+                self.in_use.forget(name)
             if self.events is not None:
                 self.events.subscribe(name, (), ())
             await self._stop_driver(runner)
@@ -312,7 +321,11 @@ class Inventory:
         log.debug("driver %s: scan %d done (%s)", runner.name, runner.scans, "full" if changed is None else f"{len(changed)} named")
         if self.events is not None:
             self.events.subscribe(runner.name, driver.udev_matches(), paths)
-        self._apply(runner, self._checked(runner.name, snapshot))
+        checked = self._checked(runner.name, snapshot)
+        served = {res for res, owner in self.owners.items() if owner == runner.name}
+        settled = await self.in_use.settle(runner.name, runner.devices, checked, served)
+        if runner.driver is driver:  # not stopped by a reload while the kubelet was asked
+            self._apply(runner, settled)
 
     def _checked(self, driver: str, snapshot: Snapshot) -> dict[str, dict[str, Device]]:
         """Drops what the kubelet would refuse, saying which device of which resource and why."""
