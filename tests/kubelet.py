@@ -8,12 +8,30 @@ GetDevicePluginOptions; keeps one ListAndWatch stream per resource and records
 every list; a second Register for a resource replaces the first endpoint;
 restart() wipes the directory (every file but the checkpoint; directories
 are spared, as the kubelet spares them) and serves a new kubelet.sock.
+
+Given a `registry` (plugins_registry), it also runs the kubelet's plugin
+watcher: an inotify watch on that directory, then a walk of what is already
+there (so a restarted kubelet finds the sockets a restart does not wipe). Each
+socket created is dialled in a worker: GetInfo, the checks the kubelet makes
+(type DevicePlugin, v1beta1 among the versions, an extended resource name, an
+absolute endpoint), the device-plugin service dialled at that endpoint
+(GetDevicePluginOptions, then ListAndWatch, as for Register), and
+NotifyRegistrationStatus with the outcome. A socket removed is deregistered
+(its stream closed). A refused socket is not tried again until it is created
+again: the kubelet also retries on its own backoff (500 ms growing to two
+minutes), which the double leaves out, so a plugin must recover by itself.
+`refuse` holds reasons the device manager gives for the next registrations.
 Everything a test waits for goes through `wait`, with a timeout.
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
 import re
+import select
+import stat
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +43,8 @@ import grpc
 
 from nodedev.api import deviceplugin_pb2 as pb
 from nodedev.api import deviceplugin_pb2_grpc as pb_grpc
+from nodedev.api import pluginregistration_pb2 as pr
+from nodedev.api import pluginregistration_pb2_grpc as pr_grpc
 
 CHECKPOINT = "kubelet_internal_checkpoint"
 DeviceView = dict[str, tuple[str, tuple[int, ...]]]
@@ -53,6 +73,17 @@ class RegisterRecord:
     accepted: bool
 
 
+@dataclass(frozen=True)
+class PluginRecord:
+    """One socket the plugin watcher handled: what GetInfo named, and what it was told."""
+
+    socket: str
+    name: str
+    incarnation: int
+    registered: bool
+    error: str
+
+
 @dataclass
 class Endpoint:
     resource: str
@@ -64,8 +95,13 @@ class Endpoint:
 
 
 class KubeletDouble:
-    def __init__(self, plugin_dir: Path, dial_timeout: float = 10.0) -> None:
+    def __init__(self, plugin_dir: Path, dial_timeout: float = 10.0, registry: Path | None = None) -> None:
         self.plugin_dir = plugin_dir
+        self.registry = registry
+        self.plugin_log: list[PluginRecord] = []
+        self.refuse: list[str] = []
+        """Reasons to refuse the next plugin-watcher registrations with, one each (under `_cond`)."""
+        self._watcher: _PluginWatcher | None = None
         self.socket = plugin_dir / "kubelet.sock"
         self.dial_timeout = dial_timeout
         self.registrations: list[pb.RegisterRequest] = []
@@ -87,10 +123,17 @@ class KubeletDouble:
         server.add_insecure_port(f"unix://{self.socket}")
         server.start()
         self._server = server
+        if self.registry is not None:  # after kubelet.sock, as the kubelet starts its device manager first
+            with self._cond:
+                incarnation, life = self.restarts, self._lives
+            self._watcher = _PluginWatcher(self, self.registry, incarnation, life)
 
     def stop(self) -> None:
         with self._cond:
             self._lives += 1  # from here on, handlers still running belong to a dead kubelet
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher = None
         if self._server is not None:
             self._server.stop(0).wait(5)
             self._server = None
@@ -144,8 +187,15 @@ class KubeletDouble:
             return {r for r, e in self.endpoints.items() if not e.ended and e.lists}
 
     def registration_count(self, resource: str) -> int:
+        """Registrations the kubelet accepted, by Register or by its plugin watcher."""
         with self._cond:
-            return sum(1 for r in self.registrations if r.resource_name == resource)
+            watched = sum(1 for r in self.plugin_log if r.name == resource and r.registered)
+            return watched + sum(1 for r in self.registrations if r.resource_name == resource)
+
+    def plugins(self, resource: str, *, incarnation: int | None = None) -> list[PluginRecord]:
+        """What the plugin watcher did with `resource`'s sockets (in one kubelet's life, if given)."""
+        with self._cond:
+            return [r for r in self.plugin_log if r.name == resource and incarnation in (None, r.incarnation)]
 
     def stub(self, resource: str) -> pb_grpc.DevicePluginStub:
         with self._cond:
@@ -215,6 +265,89 @@ class KubeletDouble:
                 self._cond.notify_all()
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
 
+    # --- the plugin watcher ----------------------------------------------------------
+
+    def _register_plugin(self, path: Path, incarnation: int, life: int) -> None:
+        """The plugin watcher's registration of one socket, as the kubelet's reconciler does it."""
+        channel = grpc.insecure_channel(f"unix://{path}")
+        try:
+            grpc.channel_ready_future(channel).result(timeout=self.dial_timeout)
+            info = pr_grpc.RegistrationStub(channel).GetInfo(pr.InfoRequest(), timeout=5)
+        except (grpc.FutureTimeoutError, grpc.RpcError) as err:
+            channel.close()  # the kubelet cannot even tell the plugin: it logs and waits for a new socket
+            self._record_plugin(PluginRecord(path.name, "", incarnation, False, f"GetInfo failed: {err!r}"), life)
+            return
+        endpoint = info.endpoint or str(path)
+        error = self._validate_plugin(info, endpoint)
+        if error is None:
+            with self._cond:
+                error = self.refuse.pop(0) if self.refuse else None
+            if error is not None:
+                error = f"RegisterPlugin error -- plugin registration failed with err: {error}"
+        if error is None:
+            error = self._connect_plugin(info.name, endpoint, incarnation)
+        with self._cond:  # held, so a restart waits for the call: a stopped kubelet says nothing
+            if life == self._lives:
+                status = pr.RegistrationStatus(plugin_registered=error is None, error=error or "")
+                try:
+                    pr_grpc.RegistrationStub(channel).NotifyRegistrationStatus(status, timeout=5)
+                except grpc.RpcError:
+                    pass  # the kubelet only logs a failed notification
+                self.plugin_log.append(PluginRecord(path.name, info.name, incarnation, error is None, error or ""))
+                self._cond.notify_all()
+        channel.close()
+
+    @staticmethod
+    def _validate_plugin(info: pr.PluginInfo, endpoint: str) -> str | None:
+        """The plugin watcher's and the device manager's checks, with the kubelet's wording."""
+        if info.type != "DevicePlugin":
+            return f"RegisterPlugin error -- no handler registered for plugin type: {info.type}"
+        if "v1beta1" not in info.supported_versions:
+            problem = f"manager version, v1beta1, is not among plugin supported versions {list(info.supported_versions)}"
+        elif not is_extended_resource_name(info.name):
+            problem = f"invalid name of device plugin socket: {info.name!r} is not an extended resource name"
+        elif not endpoint.startswith("/"):
+            problem = f"endpoint {endpoint!r} is not an absolute socket path"
+        else:
+            return None
+        return f"RegisterPlugin error -- plugin validation failed with err: {problem}"
+
+    def _connect_plugin(self, resource: str, endpoint: str, incarnation: int) -> str | None:
+        """The device manager's connectClient: dial, GetDevicePluginOptions, then the stream."""
+        channel = grpc.insecure_channel(f"unix://{endpoint}")
+        try:
+            grpc.channel_ready_future(channel).result(timeout=self.dial_timeout)
+            options = pb_grpc.DevicePluginStub(channel).GetDevicePluginOptions(pb.Empty(), timeout=5)
+        except (grpc.FutureTimeoutError, grpc.RpcError) as err:
+            channel.close()
+            return f"RegisterPlugin error -- plugin registration failed with err: cannot dial {endpoint}: {err!r}"
+        endpoint_ = Endpoint(resource, endpoint, channel, options)
+        with self._cond:
+            if incarnation != self.restarts:
+                channel.close()
+                return "kubelet restarted while registering"
+            previous = self.endpoints.get(resource)
+            self.endpoints[resource] = endpoint_
+            self._cond.notify_all()
+        if previous is not None:
+            previous.channel.close()
+        threading.Thread(target=self._watch, args=(endpoint_,), daemon=True).start()
+        return None
+
+    def _deregister_plugin(self, path: Path) -> None:
+        """A socket removed from plugins_registry: the device manager disconnects its client."""
+        with self._cond:
+            gone = [r for r, e in self.endpoints.items() if e.socket == str(path)]
+            closed = [self.endpoints.pop(r) for r in gone]
+        for endpoint in closed:
+            endpoint.channel.close()
+
+    def _record_plugin(self, record: PluginRecord, life: int) -> None:
+        with self._cond:
+            if life == self._lives:  # a stopped kubelet's workers record nothing
+                self.plugin_log.append(record)
+                self._cond.notify_all()
+
     def _watch(self, endpoint: Endpoint) -> None:
         try:
             for response in pb_grpc.DevicePluginStub(endpoint.channel).ListAndWatch(pb.Empty()):
@@ -237,3 +370,71 @@ class _Registration(pb_grpc.RegistrationServicer):
 
     def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.Empty:
         return self.kubelet._register(request, context)
+
+
+_IN_CREATE, _IN_DELETE, _IN_MOVED_FROM, _IN_MOVED_TO = 0x100, 0x200, 0x40, 0x80
+_EVENT = struct.Struct("iIII")
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_LIBC.inotify_add_watch.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32)
+
+
+class _PluginWatcher:
+    """The kubelet's plugin watcher: inotify on plugins_registry, then a walk of what is there.
+
+    One thread reads events (select with a timeout, woken through a pipe to stop);
+    registrations run in a pool, as the kubelet's reconciler runs them off the watcher.
+    """
+
+    def __init__(self, kubelet: KubeletDouble, registry: Path, incarnation: int, life: int) -> None:
+        self.kubelet, self.registry, self.incarnation, self.life = kubelet, registry, incarnation, life
+        registry.mkdir(parents=True, exist_ok=True)
+        self._fd = _LIBC.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self._fd < 0 or _LIBC.inotify_add_watch(self._fd, os.fsencode(registry), _IN_CREATE | _IN_DELETE | _IN_MOVED_FROM | _IN_MOVED_TO) < 0:
+            raise OSError(ctypes.get_errno(), f"inotify on {registry}")
+        self._wake_r, self._wake_w = os.pipe()
+        self._pool = ThreadPoolExecutor(max_workers=4)
+        self._seen: dict[str, tuple[int, int]] = {}
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        os.write(self._wake_w, b"x")
+        self._thread.join(5)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for fd in (self._fd, self._wake_r, self._wake_w):
+            os.close(fd)
+
+    def _run(self) -> None:
+        for name in sorted(os.listdir(self.registry)):  # what a restarted kubelet finds already there
+            self._found(name)
+        while not self._stopping.is_set():
+            ready, _, _ = select.select([self._fd, self._wake_r], [], [], 1.0)
+            if self._fd not in ready:
+                continue
+            try:
+                data = os.read(self._fd, 65536)
+            except BlockingIOError:
+                continue
+            offset = 0
+            while offset < len(data):
+                _wd, mask, _cookie, length = _EVENT.unpack_from(data, offset)
+                name = data[offset + _EVENT.size : offset + _EVENT.size + length].rstrip(b"\0").decode()
+                offset += _EVENT.size + length
+                if mask & (_IN_CREATE | _IN_MOVED_TO):
+                    self._found(name)
+                elif mask & (_IN_DELETE | _IN_MOVED_FROM) and self._seen.pop(name, None) is not None:
+                    self.kubelet._deregister_plugin(self.registry / name)
+
+    def _found(self, name: str) -> None:
+        """A new file: a unix socket not hidden is a plugin to register (once per file)."""
+        path = self.registry / name
+        try:
+            st = path.lstat()
+        except OSError:
+            return
+        if name.startswith(".") or not stat.S_ISSOCK(st.st_mode) or self._seen.get(name) == (st.st_ino, st.st_ctime_ns):
+            return
+        self._seen[name] = (st.st_ino, st.st_ctime_ns)
+        self._pool.submit(self.kubelet._register_plugin, path, self.incarnation, self.life)

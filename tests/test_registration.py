@@ -12,7 +12,7 @@ import pytest
 
 from nodedev import registration
 from nodedev.driver import DriverOptions, HostContext
-from nodedev.registration import Registrar
+from nodedev.registration import Registrar, WatcherRegistrar
 from nodedev.server import ResourceServer
 from tests.kubelet import KubeletDouble
 from tests.test_server import RESOURCE, Stand, device
@@ -105,3 +105,42 @@ def test_a_new_kubelet_gets_one_register_and_a_served_again_socket_gets_one(plug
 
     run(body)
     assert [(r.incarnation, r.accepted) for r in kubelet.register_log] == [(0, True), (1, True), (1, True)]
+
+
+def test_watcher_mode_counts_as_registered_only_while_the_current_kubelet_said_yes(plugin_dir: Path) -> None:
+    registry = plugin_dir / "plugins_registry"
+    registry.mkdir()  # the kubelet made it on an earlier start; nodedev serves before this one starts
+    kubelet = KubeletDouble(plugin_dir, registry=registry)
+    recreated: list[int] = []
+
+    async def body() -> list[float]:
+        server = resource_server(registry)
+
+        async def recreate(served: ResourceServer) -> None:
+            recreated.append(served.generation)
+            await served.stop()
+            await served.start()
+
+        registrar = WatcherRegistrar(plugin_dir, registry, recreate)
+        registrar.adopt(server)
+        await server.start()
+        registrar.register(server)
+        assert not registrar.registered(RESOURCE)  # served, but no kubelet has said yes
+        await asyncio.to_thread(kubelet.start)
+        await until(lambda: registrar.registered(RESOURCE))
+        kubelet.refuse.append("device manager busy")
+        await asyncio.to_thread(kubelet.restart)
+        assert not registrar.registered(RESOURCE)  # a new kubelet.sock: the old yes no longer counts
+        await until(lambda: bool(recreated) and registrar.registered(RESOURCE))
+        delays = [*registrar.backoff(RESOURCE)]
+        await registrar.close()
+        await server.stop()
+        return delays
+
+    try:
+        assert run(body) == []  # cleared by the success
+    finally:
+        kubelet.stop()
+    assert recreated == [1]  # the refused socket, served anew once
+    assert [(r.incarnation, r.registered) for r in kubelet.plugins(RESOURCE)] == [(0, True), (1, False), (1, True)]
+    assert kubelet.register_log == []

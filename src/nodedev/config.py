@@ -10,7 +10,6 @@ nothing on disk.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import reprlib
@@ -20,10 +19,11 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError, field_validator
+from pydantic import BaseModel, ValidationError, ValidationInfo, field_validator
 from yaml import MappingNode, Node, ScalarNode, SequenceNode
 
 from nodedev import drivers
+from nodedev.addresses import plausible_host
 from nodedev.driver import ConfigSection, Driver, DriverOptions
 
 DEFAULT_PATH = Path("/etc/nodedev/config.yaml")
@@ -78,6 +78,8 @@ class _FileModel(ConfigSection):
     metrics_address: str = ""
     health_address: str = ""
     status_socket: str = ""
+    registration: Literal["auto", "kubelet", "pluginWatcher"] = "auto"
+    plugins_registry: str = ""  # empty: <dirname(pluginDir)>/plugins_registry
     drivers: dict[str, dict[str, Any] | None] = {}
 
     @field_validator("plugin_dir", "sysfs_root", "dev_root", "proc_root")
@@ -87,14 +89,16 @@ class _FileModel(ConfigSection):
             raise ValueError(problem)
         return value
 
-    @field_validator("plugin_dir")
+    @field_validator("plugin_dir", "plugins_registry")
     @classmethod
-    def _socket_room(cls, value: str) -> str:
+    def _socket_room(cls, value: str, info: ValidationInfo) -> str:
         """Every socket path must fit sun_path; checked here so no socket fails to bind later."""
-        size = len(os.fsencode(value.rstrip("/")))
-        if size > MAX_PLUGIN_DIR:
+        if problem := value and path_problem(value):
+            raise ValueError(problem)
+        if (size := len(os.fsencode(value.rstrip("/")))) > MAX_PLUGIN_DIR:
+            key = "pluginDir" if info.field_name == "plugin_dir" else "pluginsRegistry"
             raise ValueError(
-                f"is {size} bytes long; at most {MAX_PLUGIN_DIR}, so that <pluginDir>/nodedev-<resource>.sock "
+                f"is {size} bytes long; at most {MAX_PLUGIN_DIR}, so that <{key}>/nodedev-<resource>.sock "
                 f"fits the {MAX_SOCKET_PATH}-byte limit of a unix socket path"
             )
         return value
@@ -116,7 +120,7 @@ class _FileModel(ConfigSection):
             host, colon, port = value.rpartition(":")
             if not colon or not re.fullmatch(r"[0-9]{1,5}", port) or not 0 < int(port) < 65536:
                 raise ValueError(f"expected host:port such as 0.0.0.0:9465 or :9465, got {_shown(value)}")
-            if not _plausible_host(host):
+            if not plausible_host(host):
                 raise ValueError(f"{_shown(host)} is not a host name or IP address (an IPv6 address goes in brackets: [::1]:9465)")
         return value
 
@@ -140,12 +144,13 @@ class Config:
     drivers: tuple[EnabledDriver, ...]
     health_address: str = ""  # `host:port` for /healthz and /readyz; empty: off
     status_socket: str = ""  # what `nodedev status` asks; empty: <pluginDir>/nodedev/status.sock
+    registration: str = "auto"  # auto, kubelet (Register on kubelet.sock) or pluginWatcher
+    plugins_registry: Path | None = None  # the plugin watcher's directory; None: beside pluginDir
 
 
 _DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
 _DNS_SUBDOMAIN = re.compile(rf"^{_DNS_LABEL}(\.{_DNS_LABEL})*$")
 _QUALIFIED_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
-_HOST_LABEL = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?$")
 _PLAIN_KEY = re.compile(r"^[A-Za-z0-9_./-]{1,80}$")
 _DRIVER_ROOTS = {"sysfs_root": "sysfsRoot", "dev_root": "devRoot", "proc_root": "procRoot"}
 
@@ -179,26 +184,6 @@ def path_problem(value: str) -> str | None:
     if not value.startswith("/"):
         return f"must be an absolute path (starting with /), got {_shown(value)}"
     return None
-
-
-def _plausible_host(host: str) -> bool:
-    """Empty (every address), an IP address (IPv6 in brackets), or a DNS name: never spaces or junk."""
-    if not host:
-        return True
-    if host.startswith("[") and host.endswith("]"):
-        return _is_ip(host[1:-1], ipaddress.IPv6Address)
-    if re.fullmatch(r"[0-9.]+", host):
-        return _is_ip(host, ipaddress.IPv4Address)
-    labels = host.removesuffix(".").split(".")
-    return len(host) <= 253 and all(_HOST_LABEL.match(label) for label in labels)
-
-
-def _is_ip(text: str, kind: type[ipaddress.IPv4Address] | type[ipaddress.IPv6Address]) -> bool:
-    try:
-        kind(text)
-    except ValueError:
-        return False
-    return True
 
 
 def resource_name_problem(name: str) -> str | None:
@@ -279,6 +264,8 @@ def parse(text: str, path: Path, overrides: Mapping[str, Any] | None = None) -> 
         metrics_address=model.metrics_address,
         health_address=model.health_address,
         status_socket=model.status_socket,
+        registration=model.registration,
+        plugins_registry=Path(model.plugins_registry) if model.plugins_registry else None,
         drivers=enabled,
     )
 

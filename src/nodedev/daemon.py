@@ -5,9 +5,11 @@ daemon per directory), the HTTP ports (metrics, probes) and the status socket;
 any failure is one line and exit 1. Start: drivers start and scan, each resource
 is served, then registered; systemd hears READY=1 once every served resource is
 registered. Run: kubelet restarts (our sockets wiped, a new kubelet.sock) are
-served again and re-registered; SIGHUP, or a change of the config file (a
-ConfigMap update included), reloads the config. Stop: always runs, ends the
-streams, removes the sockets, and is bounded in time whatever is in flight.
+served again and re-registered (in pluginWatcher mode the sockets live in
+plugins_registry, which a restart spares, and the kubelet finds them itself);
+SIGHUP, or a change of the config file (a ConfigMap update included), reloads
+the config. Stop: always runs, ends the streams, removes the sockets, and is
+bounded in time whatever is in flight.
 
 Everything runs on one asyncio loop; drivers' blocking work runs in threads
 through the inventory.
@@ -29,7 +31,7 @@ from nodedev.driver import Device
 from nodedev.hotplug import Changes, PathWatcher
 from nodedev.inventory import Change, Inventory
 from nodedev.plugindir import PluginDirError, PluginDirLock
-from nodedev.registration import KUBELET_SOCKET, Registrar
+from nodedev.registration import KUBELET_SOCKET, PLUGINS_REGISTRY, Registrar, WatcherRegistrar, choose_mode
 from nodedev.sdnotify import Notifier
 from nodedev.server import ResourceServer, ServeError
 
@@ -51,6 +53,8 @@ _START_ONLY = {
     "metrics_address": "metricsAddress",
     "health_address": "healthAddress",
     "status_socket": "statusSocket",
+    "registration": "registration",
+    "plugins_registry": "pluginsRegistry",
 }
 """Config keys read once, at start: a reload that changes one says it needs a restart."""
 
@@ -65,7 +69,12 @@ class Daemon:
         self._reload_config = reload
         self.paths = PathWatcher()
         self.inventory = Inventory(config, paths=self.paths)
-        self.registrar = Registrar(config.plugin_dir)
+        registry = config.plugins_registry or config.plugin_dir.parent / PLUGINS_REGISTRY
+        self.registrar: Registrar | WatcherRegistrar = (
+            WatcherRegistrar(config.plugin_dir, registry, self._serve_anew)
+            if choose_mode(config.registration, registry) == "pluginWatcher"
+            else Registrar(config.plugin_dir)
+        )
         self.servers: dict[str, ResourceServer] = {}
         self._serving = False
         self._recovering = asyncio.Lock()
@@ -96,6 +105,9 @@ class Daemon:
         try:
             self._listen(loop)
             await self.status_server.start()
+            if (problem := self._registry_problem()) is not None:
+                log.error("%s", problem)
+                return EXIT_ENVIRONMENT
             return await self._run()
         except (probes.ListenError, status.StatusError) as err:
             log.error("%s", err)
@@ -107,6 +119,21 @@ class Daemon:
             lock.release()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+
+    def _registry_problem(self) -> str | None:
+        """Logs the registration mode; in pluginWatcher mode makes plugins_registry if it is missing."""
+        registrar = self.registrar
+        if isinstance(registrar, Registrar):
+            log.info("registration: Register on %s", registrar.kubelet_socket)
+            return None
+        log.info("registration: the kubelet's plugin watcher, sockets in %s", registrar.socket_dir)
+        try:
+            registrar.socket_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+        except OSError as err:
+            return f"pluginsRegistry {registrar.socket_dir}: cannot create it: {err.strerror or err}"
+        if not registrar.socket_dir.is_dir():
+            return f"pluginsRegistry {registrar.socket_dir}: not a directory"
+        return None
 
     def _listen(self, loop: asyncio.AbstractEventLoop) -> None:
         """The HTTP endpoints: /metrics on metricsAddress, probes on healthAddress (one server if both are equal)."""
@@ -157,6 +184,8 @@ class Daemon:
         if not self.inventory.started:
             return f"no driver is serving ({_why_none(self)}); nothing to do"
         self.plugin_dir_watch = self.paths.watch(self.config.plugin_dir, self._on_plugin_dir_change, Changes.ENTRIES)
+        if (sockets := self.registrar.socket_dir) != self.config.plugin_dir:
+            self.registry_watch = self.paths.watch(sockets, self._on_registry_change, Changes.ENTRIES)
         self._kubelet = self._kubelet_identity()
         if self._reload_config is not None and self.config.path.is_file():  # not `--simulate` alone
             self.follower = ConfigFollower(self.config.path, self.paths, self._reload)
@@ -167,8 +196,8 @@ class Daemon:
             for server in initial:
                 await self._start_server(server)
         if initial and not any(server.serving for server in initial):
-            return f"none of the {len(initial)} resource(s) can be served in {self.config.plugin_dir}"
-        log.info("serving %d resource(s) in %s", sum(s.serving for s in self.servers.values()), self.config.plugin_dir)
+            return f"none of the {len(initial)} resource(s) can be served in {self.registrar.socket_dir}"
+        log.info("serving %d resource(s) in %s", sum(s.serving for s in self.servers.values()), self.registrar.socket_dir)
         return None
 
     async def _shutdown(self) -> None:
@@ -292,7 +321,8 @@ class Daemon:
         server = self.servers.get(resource)
         if server is None:
             metrics.resource_added(resource)
-            server = self.servers[resource] = ResourceServer(resource, runner.driver, self.config.plugin_dir)
+            server = self.servers[resource] = ResourceServer(resource, runner.driver, self.registrar.socket_dir)
+            self.registrar.adopt(server)
             server.update(devices)
             if self._serving:  # a resource that appeared after start, e.g. a new MIG profile
                 self._spawn(self._serve_new(server))
@@ -303,6 +333,13 @@ class Daemon:
     async def _serve_new(self, server: ResourceServer) -> None:
         async with self._recovering:
             if self.servers.get(server.resource) is server and not server.serving and not self._stop.is_set():
+                await self._start_server(server)
+
+    async def _serve_anew(self, server: ResourceServer) -> None:
+        """A new socket for one resource (the plugin watcher refused it, or must read it again)."""
+        async with self._recovering:
+            if self.servers.get(server.resource) is server and not self._stop.is_set():
+                await server.stop()
                 await self._start_server(server)
 
     async def _start_server(self, server: ResourceServer) -> None:
@@ -321,6 +358,11 @@ class Daemon:
         if names and not names & (ours | {KUBELET_SOCKET}):
             return
         self._spawn(self._recover(check_kubelet=not names or KUBELET_SOCKET in names))
+
+    def _on_registry_change(self, names: set[str]) -> None:
+        """pluginWatcher mode: one of our sockets in plugins_registry removed or replaced."""
+        if not names or names & {server.endpoint for server in self.servers.values()}:
+            self._spawn(self._recover(check_kubelet=False))
 
     async def _recover(self, *, check_kubelet: bool) -> None:
         """Serves again every resource whose socket is gone, then re-registers what needs it."""

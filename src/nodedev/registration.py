@@ -13,21 +13,32 @@ While kubelet.sock is missing or refuses, the task retries with capped
 exponential backoff; a new kubelet.sock (seen by the plugin-directory watch)
 or our socket served again cuts the wait short. Failures are logged once per
 change of state, not once per try.
+
+In pluginWatcher mode (`WatcherRegistrar`) nothing calls Register: each socket
+sits in the kubelet's plugins_registry directory and also serves the
+`pluginregistration.Registration` service. The kubelet's plugin watcher finds
+the socket, asks GetInfo, dials the device-plugin service and answers with
+NotifyRegistrationStatus; a refusal is logged with the kubelet's reason and the
+socket is created again (which the watcher sees as a new plugin) after a capped
+exponential backoff.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import grpc
 
 from nodedev import metrics
 from nodedev.api import deviceplugin_pb2 as pb
 from nodedev.api import deviceplugin_pb2_grpc as pb_grpc
+from nodedev.api import pluginregistration_pb2 as pr
+from nodedev.api import pluginregistration_pb2_grpc as pr_grpc
 from nodedev.server import ResourceServer
 
 log = logging.getLogger("nodedev.registration")
@@ -58,10 +69,39 @@ class _Resource:
     """Backoff waits taken since the last success, for tests and the logs."""
 
 
+PLUGINS_REGISTRY = "plugins_registry"
+PLUGIN_TYPE = "DevicePlugin"
+Mode = Literal["kubelet", "pluginWatcher"]
+
+
+def choose_mode(setting: str, registry: Path) -> Mode:
+    """`auto`: the plugin watcher when its directory exists (checked once, at start), else Register."""
+    if setting == "auto":
+        return "pluginWatcher" if registry.is_dir() else "kubelet"
+    return "pluginWatcher" if setting == "pluginWatcher" else "kubelet"
+
+
+def _kubelet_identity(kubelet_socket: Path) -> tuple[int, int] | None:
+    """Which kubelet.sock is there: inode and change time. A restarted kubelet's new
+    socket often gets the inode its old one had; its creation time is new."""
+    try:
+        st = kubelet_socket.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_ctime_ns
+
+
 class Registrar:
+    mode: Mode = "kubelet"
+
     def __init__(self, plugin_dir: Path) -> None:
         self.kubelet_socket = plugin_dir / KUBELET_SOCKET
+        self.socket_dir = plugin_dir
+        """Where the resources' sockets are served."""
         self._resources: dict[str, _Resource] = {}
+
+    def adopt(self, server: ResourceServer) -> None:
+        """A new resource's server, before it first serves: nothing to add for Register."""
 
     def register(self, server: ResourceServer, *, force: bool = False) -> None:
         """Makes sure `server` is registered with the current kubelet; `force` registers
@@ -177,10 +217,125 @@ class Registrar:
         return None
 
     def _kubelet_identity(self) -> tuple[int, int] | None:
-        """Which kubelet.sock is there: inode and change time. A restarted kubelet's new
-        socket often gets the inode its old one had; its creation time is new."""
+        return _kubelet_identity(self.kubelet_socket)
+
+
+@dataclass(eq=False)
+class _Watched:
+    server: ResourceServer
+    registered: tuple[tuple[int, int] | None, int] | None = None
+    """(kubelet.sock's identity, our socket's generation) when the kubelet last said yes."""
+    refusal: str | None = None
+    delay: float = BACKOFF_FIRST_S
+    delays: list[float] = field(default_factory=list)
+    retry: asyncio.Task[None] | None = None
+
+
+class WatcherRegistrar:
+    """pluginWatcher mode: the kubelet comes to our sockets in plugins_registry; we only answer.
+
+    `recreate(server)` serves a resource's socket anew (the daemon does it under its
+    recovery lock): after a refusal, and when a reload asks for a new registration.
+    """
+
+    mode: Mode = "pluginWatcher"
+
+    def __init__(self, plugin_dir: Path, registry: Path, recreate: Callable[[ResourceServer], Awaitable[None]]) -> None:
+        self.kubelet_socket = plugin_dir / KUBELET_SOCKET
+        self.socket_dir = registry
+        self._recreate = recreate
+        self._resources: dict[str, _Watched] = {}
+
+    def adopt(self, server: ResourceServer) -> None:
+        """Every gRPC server of this resource also serves the plugin watcher's Registration."""
+        service = _WatcherService(self, server)
+        server.services.append(lambda grpc_server: pr_grpc.add_RegistrationServicer_to_server(service, grpc_server))  # type: ignore[no-untyped-call]
+
+    def register(self, server: ResourceServer, *, force: bool = False) -> None:
+        """Served (again): the watcher sees the socket by itself. `force` serves it anew, so
+        the kubelet registers it again and reads its new options."""
+        entry = self._entry(server)
+        if force and entry.retry is None:
+            entry.retry = asyncio.create_task(self._again(entry, 0.0), name=f"recreate-{server.resource}")
+
+    def forget(self, resource: str) -> None:
+        entry = self._resources.pop(resource, None)
+        if entry is not None and entry.retry is not None:
+            entry.retry.cancel()
+
+    def kubelet_appeared(self, servers: Iterable[ResourceServer]) -> None:
+        """A restarted kubelet finds the sockets still in plugins_registry by itself."""
+
+    def registered(self, resource: str) -> bool:
+        entry = self._resources.get(resource)
+        if entry is None or entry.registered is None or not entry.server.serving:
+            return False
+        return entry.registered == (_kubelet_identity(self.kubelet_socket), entry.server.generation)
+
+    def backoff(self, resource: str) -> list[float]:
+        entry = self._resources.get(resource)
+        return list(entry.delays) if entry is not None else []
+
+    async def close(self) -> None:
+        tasks = [e.retry for e in self._resources.values() if e.retry is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._resources.clear()
+
+    def _entry(self, server: ResourceServer) -> _Watched:
+        entry = self._resources.get(server.resource)
+        if entry is None or entry.server is not server:
+            if entry is not None and entry.retry is not None:
+                entry.retry.cancel()
+            entry = self._resources[server.resource] = _Watched(server)
+        return entry
+
+    def notified(self, server: ResourceServer, registered: bool, error: str) -> None:
+        """The kubelet's NotifyRegistrationStatus for the socket being served now."""
+        entry = self._resources.get(server.resource)
+        if entry is None or entry.server is not server or not server.serving:
+            return
+        if registered:
+            entry.registered = (_kubelet_identity(self.kubelet_socket), server.generation)
+            entry.refusal = None
+            entry.delay = BACKOFF_FIRST_S
+            entry.delays.clear()
+            metrics.REGISTRATIONS.labels(server.resource).inc()
+            log.info("%s: registered by the kubelet's plugin watcher (endpoint %s)", server.resource, server.socket_path)
+            return
+        entry.registered = None
+        reason = " ".join(error.split())[:300] or "no reason given"
+        if entry.retry is not None:
+            return  # already being served anew
+        delay = entry.delay
+        entry.delays.append(delay)
+        entry.delay = min(delay * 2, BACKOFF_MAX_S)
+        level = logging.WARNING if reason != entry.refusal else logging.DEBUG
+        log.log(level, "%s: the kubelet refused the registration: %s; serving %s anew in %.2f s", server.resource, reason, server.socket_path, delay)
+        entry.refusal = reason
+        entry.retry = asyncio.create_task(self._again(entry, delay), name=f"recreate-{server.resource}")
+
+    async def _again(self, entry: _Watched, delay: float) -> None:
         try:
-            st = self.kubelet_socket.stat()
-        except OSError:
-            return None
-        return st.st_ino, st.st_ctime_ns
+            await asyncio.sleep(delay)
+        finally:
+            entry.retry = None
+        if self._resources.get(entry.server.resource) is entry:
+            await self._recreate(entry.server)
+
+
+class _WatcherService(pr_grpc.RegistrationServicer):
+    """The plugin watcher's side of one resource's socket."""
+
+    def __init__(self, registrar: WatcherRegistrar, server: ResourceServer) -> None:
+        self.registrar = registrar
+        self.server = server
+
+    async def GetInfo(self, request: pr.InfoRequest, context: grpc.aio.ServicerContext) -> pr.PluginInfo:
+        server = self.server
+        return pr.PluginInfo(type=PLUGIN_TYPE, name=server.resource, endpoint=str(server.socket_path), supported_versions=[API_VERSION])
+
+    async def NotifyRegistrationStatus(self, request: pr.RegistrationStatus, context: grpc.aio.ServicerContext) -> pr.RegistrationStatusResponse:
+        self.registrar.notified(self.server, request.plugin_registered, request.error)
+        return pr.RegistrationStatusResponse()

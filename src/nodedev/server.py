@@ -74,12 +74,15 @@ def _kubelet_view(devices: Mapping[str, Device]) -> _View:
 
 
 class ResourceServer(pb_grpc.DevicePluginServicer):
-    def __init__(self, resource: str, driver: Driver[Any], plugin_dir: Path) -> None:
+    def __init__(self, resource: str, driver: Driver[Any], socket_dir: Path) -> None:
+        """`socket_dir`: the kubelet's plugin directory, or plugins_registry for its plugin watcher."""
         self.resource = resource
         self.driver: Driver[Any] = driver
         """Replaced when a config reload restarts the driver; the socket stays."""
         self.endpoint = socket_name(resource)
-        self.socket_path = plugin_dir / self.endpoint
+        self.socket_path = socket_dir / self.endpoint
+        self.services: list[Callable[[grpc.aio.Server], None]] = []
+        """Further services each new gRPC server carries (the plugin watcher's Registration)."""
         self.devices: Mapping[str, Device] = {}
         self.version = 0
         self.generation = 0
@@ -121,6 +124,8 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
             raise ServeError(f"{self.resource}: cannot replace {self.socket_path}: {err.strerror}") from None
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         pb_grpc.add_DevicePluginServicer_to_server(self, server)  # type: ignore[no-untyped-call]
+        for add in self.services:
+            add(server)
         try:
             server.add_insecure_port(f"unix://{self.socket_path}")
         except RuntimeError:
