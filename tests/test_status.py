@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import stat
 import subprocess
 from pathlib import Path
+from typing import Any
 
+import pytest
+
+from nodedev import status as status_module
+from nodedev.status import StatusError, StatusServer, fetch, subscribe
 from tests.conftest import nodedev_command
 from tests.devtree import dev_tree
 from tests.kubelet import KubeletDouble
@@ -103,3 +109,138 @@ def test_status_socket_must_be_an_absolute_path(write_config) -> None:
     result = status(write_config({"statusSocket": "status.sock"}))
     assert result.returncode == 2
     assert "statusSocket: must be an absolute path" in result.stderr
+
+
+# -- the protocol: `status` and `watch` requests, against the server alone ------------------------
+
+
+class State:
+    """What the stand-in daemon reports; a test changes it."""
+
+    def __init__(self) -> None:
+        self.devices = ["d0"]
+        self.reports = 0
+
+    def __call__(self) -> dict[str, Any]:
+        self.reports += 1
+        return {"resources": [{"name": "a.io/x", "devices": [{"id": i, "health": "Healthy"} for i in self.devices]}], "drivers": []}
+
+
+async def _serving(path: Path, state: State, recheck_s: float) -> StatusServer:
+    server = StatusServer(path, state)
+    server.recheck_s = recheck_s
+    await server.start()
+    return server
+
+
+def _ids(report: dict[str, Any]) -> list[str]:
+    return [d["id"] for d in report["resources"][0]["devices"]]
+
+
+def test_a_watch_stream_sends_a_report_when_notified_and_only_when_it_changed(plugin_dir: Path) -> None:
+    path = plugin_dir / "s.sock"
+
+    async def run() -> None:
+        state = State()
+        server = await _serving(path, state, recheck_s=3600)  # only notify() can wake the stream
+        stream = subscribe(path)
+        try:
+            assert _ids(await asyncio.wait_for(anext(stream), 5)) == ["d0"]
+            server.notify()  # nothing changed: nothing is sent
+            state.devices = ["d0", "d1"]
+            server.notify()
+            assert _ids(await asyncio.wait_for(anext(stream), 5)) == ["d0", "d1"]
+            state.devices = ["d1"]
+            server.notify()
+            assert _ids(await asyncio.wait_for(anext(stream), 5)) == ["d1"]
+        finally:
+            await stream.aclose()
+            await server.close()
+
+    asyncio.run(run())
+
+
+def test_a_watch_stream_sees_a_change_nobody_notified(plugin_dir: Path) -> None:
+    path = plugin_dir / "s.sock"
+
+    async def run() -> None:
+        state = State()
+        server = await _serving(path, state, recheck_s=0.05)
+        stream = subscribe(path)
+        try:
+            await asyncio.wait_for(anext(stream), 5)
+            state.devices = []
+            assert _ids(await asyncio.wait_for(anext(stream), 5)) == []
+        finally:
+            await stream.aclose()
+            await server.close()
+
+    asyncio.run(run())
+
+
+def test_closing_the_server_ends_watch_streams_and_a_leaving_client_ends_its_own(plugin_dir: Path) -> None:
+    path = plugin_dir / "s.sock"
+
+    async def run() -> None:
+        state = State()
+        server = await _serving(path, state, recheck_s=3600)
+        leaving = subscribe(path)
+        await asyncio.wait_for(anext(leaving), 5)
+        await leaving.aclose()
+        stream = subscribe(path)
+        await asyncio.wait_for(anext(stream), 5)
+        state.devices = ["d9"]
+        server.notify()  # the client that left is not written to; the other one is
+        assert _ids(await asyncio.wait_for(anext(stream), 5)) == ["d9"]
+        await asyncio.wait_for(server.close(), 5)
+        with pytest.raises(StopAsyncIteration):
+            await asyncio.wait_for(anext(stream), 5)
+        assert not path.exists()
+
+    asyncio.run(run())
+
+
+def test_status_requests_silent_clients_and_unknown_requests(plugin_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = plugin_dir / "s.sock"
+    monkeypatch.setattr(status_module, "REQUEST_TIMEOUT_S", 0.1)
+
+    async def ask(request: bytes | None) -> dict[str, Any]:
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        if request is not None:
+            writer.write(request)
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        return json.loads(answer)
+
+    async def run() -> None:
+        server = await _serving(path, State(), recheck_s=3600)
+        try:
+            assert _ids(await asyncio.to_thread(fetch, path)) == ["d0"]
+            assert _ids(await ask(None)) == ["d0"]  # sends nothing: the status after a moment
+            assert "unknown request 'stats'" in (await ask(b"stats\n"))["error"]
+        finally:
+            await server.close()
+
+    asyncio.run(run())
+
+
+def test_subscribe_says_in_one_line_when_the_daemon_cannot_stream(plugin_dir: Path) -> None:
+    path = plugin_dir / "s.sock"
+
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readline()
+        writer.write(b'{"error": "unknown request \'watch\'; send status"}\n')
+        await writer.drain()
+        writer.close()
+
+    async def run() -> None:
+        server = await asyncio.start_unix_server(refuse, path=str(path))
+        try:
+            with pytest.raises(StatusError, match="the daemon cannot stream: unknown request 'watch'"):
+                await anext(subscribe(path))
+            with pytest.raises(StatusError, match="no such socket"):
+                await anext(subscribe(plugin_dir / "none.sock"))
+        finally:
+            server.close()
+
+    asyncio.run(run())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 from nodedev import config, watch
 from nodedev.driver import Device, Health
 from nodedev.inventory import Change, Listener
-from nodedev.server import socket_name
+from tests.conftest import nodedev_command
 from tests.devtree import char_device, dev_tree
 from tests.kubelet import KubeletDouble
 
@@ -49,29 +50,49 @@ def test_watch_connect_names_resources_and_counts_ids_as_people_do(nodedev, kube
     watch = nodedev(config, command="watch", args=["--connect"])
     watch.wait_log("devices.kubevirt.io/tun: 12 device(s) added Healthy: tun0, tun1, tun2, tun3 and 8 more")
     (dev / "net" / "tun").unlink()
-    watch.wait_log("devices.kubevirt.io/tun: 12 device(s) now Unhealthy: tun0, tun1, tun2, tun3 and 8 more")
+    line = watch.wait_log("devices.kubevirt.io/tun: 12 device(s) now Unhealthy: tun0, tun1, tun2, tun3 and 8 more")
+    assert line.endswith(f"({dev}/net/tun is missing)")  # reasons: the status socket has them, ListAndWatch does not
     assert "nodedev-" not in watch.logs()
     assert watch.stop() == 0
 
 
-@pytest.mark.parametrize(
-    "resource",
-    [
-        "devices.kubevirt.io/kvm",
-        "devices.kubevirt.io/vhost-net",
-        "nvidia.com/mig-1g.10gb",
-        "nvidia.com/gpu.shared",
-        "nodedev.io/fast_nics",
-        "a.io/x_y",
-    ],
-)
-def test_a_socket_name_maps_back_to_its_resource(resource: str) -> None:
-    assert watch.resource_of_socket(socket_name(resource)) == resource
+def test_watch_connect_follows_the_status_socket_not_the_plugin_sockets(nodedev, kubelet: KubeletDouble, tmp_path: Path) -> None:
+    """With every plugin socket gone (as a kubelet restart leaves them, before nodedev serves
+    again), --connect still starts and follows: it asks the status socket only."""
+    dev = tun_tree(tmp_path)
+    config = {"devRoot": str(dev), "drivers": {"tun": {"enabled": True, "shares": 2}}}
+    daemon = nodedev(config)
+    daemon.wait_log("devices.kubevirt.io/tun: registered")
+    watch = nodedev(config, command="watch", args=["--connect"])
+    watch.wait_log("devices.kubevirt.io/tun: 2 device(s) added Healthy: tun0, tun1")
+    for socket in kubelet.plugin_dir.glob("nodedev-*.sock"):
+        socket.rename(socket.with_name(f"moved-{socket.name}"))  # the daemon serves again; watch must not care
+    mark = watch.line_count()
+    (dev / "net" / "tun").unlink()
+    watch.wait_log("devices.kubevirt.io/tun: 2 device(s) now Unhealthy: tun0, tun1", after=mark)
+    assert "stream ended" not in watch.logs()
+    assert watch.stop() == 0
 
 
-@pytest.mark.parametrize("name", ["kubelet.sock", "nodedev-nodomain.sock", "nodedev-a.io_x.sock.tmp", "other-a.io_x.sock"])
-def test_a_file_that_is_not_a_nodedev_socket_has_no_resource(name: str) -> None:
-    assert watch.resource_of_socket(name) is None
+def test_watch_connect_says_failed_drivers_and_ends_when_the_daemon_stops(nodedev, kubelet: KubeletDouble, tmp_path: Path) -> None:
+    dev = tun_tree(tmp_path)
+    config = {"devRoot": str(dev), "drivers": {"tun": {"enabled": True, "shares": 1}, "nvidia": {"enabled": True}}}
+    daemon = nodedev(config, env={"LD_LIBRARY_PATH": str(tmp_path)})  # no libnvidia-ml.so.1
+    daemon.wait_log("devices.kubevirt.io/tun: registered")
+    watch = nodedev(config, command="watch", args=["--connect"])
+    assert "libnvidia-ml" in watch.wait_log("driver nvidia: not running: ")
+    watch.wait_log("devices.kubevirt.io/tun: 1 device(s) added Healthy: tun0")
+    assert daemon.stop() == 0
+    watch.wait_log("status stream ended: the daemon stopped")
+    assert watch.proc.wait(5) == 0  # it ends by itself
+
+
+def test_watch_connect_without_a_daemon_is_one_line_and_exit_1(write_config) -> None:
+    command = nodedev_command("watch", "--connect", "--config", str(write_config({})))
+    result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("nodedev: watch: ")
+    assert "status.sock: no such socket; is `nodedev serve` running with this config?" in result.stderr
 
 
 class _ScanningInventory:
@@ -144,3 +165,34 @@ def test_a_resource_that_becomes_empty_is_said_once(monkeypatch: pytest.MonkeyPa
         "a.io/x: 1 device(s) removed: d0",
         "a.io/x: no devices",
     ]
+
+
+def _report(resources: dict[str, list[tuple[str, str, str]]], failed: dict[str, str] | None = None) -> dict[str, object]:
+    return {
+        "drivers": [{"name": name, "started": False, "error": error} for name, error in (failed or {}).items()],
+        "resources": [
+            {"name": name, "devices": [{"id": i, "health": h, "reason": r, "numa": []} for i, h, r in devices]}
+            for name, devices in resources.items()
+        ],
+    }
+
+
+def test_status_reports_become_one_line_per_change_and_nothing_for_a_quiet_one() -> None:
+    lines: list[str] = []
+    printer = watch.StatusPrinter(lines.append)
+    printer(_report({"a.io/x": [("d0", "Healthy", "ok")], "a.io/empty": []}, failed={"nvidia": "no libnvidia-ml.so.1"}))
+    assert lines == ["driver nvidia: not running: no libnvidia-ml.so.1", "a.io/x: 1 device(s) added Healthy: d0 (ok)", "a.io/empty: no devices"]
+    lines.clear()
+    printer(_report({"a.io/x": [("d0", "Healthy", "ok")], "a.io/empty": []}, failed={"nvidia": "no libnvidia-ml.so.1"}))
+    assert lines == []  # the same report again (registration changed, say): nothing to say
+    printer(_report({"a.io/x": [("d0", "Unhealthy", "gone"), ("d1", "Healthy", "ok")]}))
+    assert lines == ["a.io/x: 1 device(s) now Unhealthy: d0 (gone)", "a.io/x: 1 device(s) added Healthy: d1 (ok)", "a.io/empty: no longer served"]
+
+
+def test_watch_connect_asks_the_configured_status_socket(nodedev, kubelet: KubeletDouble, tmp_path: Path) -> None:
+    dev = tun_tree(tmp_path)
+    config = {"devRoot": str(dev), "statusSocket": str(kubelet.plugin_dir / "elsewhere.sock"), "drivers": {"tun": {"enabled": True, "shares": 1}}}
+    nodedev(config).wait_log("devices.kubevirt.io/tun: registered")
+    watch = nodedev(config, command="watch", args=["--connect"])
+    watch.wait_log("devices.kubevirt.io/tun: 1 device(s) added Healthy: tun0")
+    assert watch.stop() == 0

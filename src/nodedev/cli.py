@@ -167,7 +167,7 @@ def _parser() -> argparse.ArgumentParser:
     watch = sub.add_parser("watch", help="print every device and health change as it happens")
     _add_common(watch, log_level="warning")
     watch.add_argument(
-        "--connect", action="store_true", help="follow a running daemon's sockets in pluginDir instead of running the drivers here"
+        "--connect", action="store_true", help="follow a running daemon through its status socket instead of running the drivers here"
     )
     watch.set_defaults(command="watch")
 
@@ -205,7 +205,7 @@ async def _serve(cfg: Config, args: argparse.Namespace, reload: Reload) -> int:
 async def _watch(cfg: Config, args: argparse.Namespace, reload: Reload) -> int:
     from nodedev import watch
 
-    return await (watch.watch_daemon(cfg.plugin_dir) if args.connect else watch.watch_in_process(cfg))
+    return await (watch.watch_daemon(cfg.plugin_dir, cfg.status_socket) if args.connect else watch.watch_in_process(cfg))
 
 
 async def _discover(cfg: Config, args: argparse.Namespace, reload: Reload) -> int:

@@ -25,6 +25,7 @@ from yaml import MappingNode, Node, ScalarNode, SequenceNode
 from nodedev import drivers
 from nodedev.addresses import plausible_host
 from nodedev.driver import ConfigSection, Driver, DriverOptions
+from nodedev.labels import DEFAULT_PATH as DEFAULT_FEATURE_FILE
 
 DEFAULT_PATH = Path("/etc/nodedev/config.yaml")
 
@@ -78,6 +79,7 @@ class _FileModel(ConfigSection):
     metrics_address: str = ""
     health_address: str = ""
     status_socket: str = ""
+    node_feature_file: str = str(DEFAULT_FEATURE_FILE)  # empty: no node labels
     registration: Literal["auto", "kubelet", "pluginWatcher"] = "auto"
     plugins_registry: str = ""  # empty: <dirname(pluginDir)>/plugins_registry
     drivers: dict[str, dict[str, Any] | None] = {}
@@ -86,6 +88,14 @@ class _FileModel(ConfigSection):
     @classmethod
     def _absolute(cls, value: str) -> str:
         if problem := path_problem(value):
+            raise ValueError(problem)
+        return value
+
+    @field_validator("node_feature_file")
+    @classmethod
+    def _feature_file(cls, value: str) -> str:
+        """Empty: no labels. Otherwise an absolute path (its directory is NFD's features.d)."""
+        if problem := value and path_problem(value):
             raise ValueError(problem)
         return value
 
@@ -144,6 +154,7 @@ class Config:
     drivers: tuple[EnabledDriver, ...]
     health_address: str = ""  # `host:port` for /healthz and /readyz; empty: off
     status_socket: str = ""  # what `nodedev status` asks; empty: <pluginDir>/nodedev/status.sock
+    node_feature_file: str = ""  # the NFD local feature file node labels go to; empty: none
     registration: str = "auto"  # auto, kubelet (Register on kubelet.sock) or pluginWatcher
     plugins_registry: Path | None = None  # the plugin watcher's directory; None: beside pluginDir
 
@@ -264,6 +275,7 @@ def parse(text: str, path: Path, overrides: Mapping[str, Any] | None = None) -> 
         metrics_address=model.metrics_address,
         health_address=model.health_address,
         status_socket=model.status_socket,
+        node_feature_file=model.node_feature_file,
         registration=model.registration,
         plugins_registry=Path(model.plugins_registry) if model.plugins_registry else None,
         drivers=enabled,

@@ -22,9 +22,10 @@ import logging
 import signal
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
-from nodedev import metrics, probes, report, status
+from nodedev import labels, metrics, probes, report, status
 from nodedev.config import Config, ConfigError
 from nodedev.configwatch import ConfigFollower
 from nodedev.driver import Device
@@ -53,6 +54,7 @@ _START_ONLY = {
     "metrics_address": "metricsAddress",
     "health_address": "healthAddress",
     "status_socket": "statusSocket",
+    "node_feature_file": "nodeFeatureFile",
     "registration": "registration",
     "plugins_registry": "pluginsRegistry",
 }
@@ -90,6 +92,10 @@ class Daemon:
         self.kubelet_restarts = 0
         self.follower: ConfigFollower | None = None
         self.status_server = status.StatusServer(status.socket_path(config.plugin_dir, config.status_socket), lambda: report.status(self))
+        self.labels: labels.LabelWriter | None = None
+        """Every driver's node labels as an NFD feature file, rewritten after scans that change them."""
+        if config.node_feature_file:
+            self.labels = labels.LabelWriter.for_inventory(self.inventory, Path(config.node_feature_file))
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -217,6 +223,8 @@ class Daemon:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self.labels is not None:  # labels must not outlive the daemon that vouches for them
+            await self.labels.close()
         await self.registrar.close()
         await asyncio.gather(*(server.stop() for server in self.servers.values()))
         self.paths.close()
@@ -302,6 +310,8 @@ class Daemon:
                 if server is not None and server.serving:
                     self.registrar.register(server, force=True)
         self.config = self.inventory.config
+        if self.labels is not None:
+            self.labels.refresh()  # a driver removed takes its labels with it
         log.info("config reloaded from %s", self.config.path)
 
     async def _drop(self, resource: str) -> None:
@@ -318,6 +328,7 @@ class Daemon:
         runner = self.inventory.owner(resource)
         if runner is None or runner.driver is None:
             return
+        self.status_server.notify()  # `watch` streams compare the report once this has returned
         server = self.servers.get(resource)
         if server is None:
             metrics.resource_added(resource)

@@ -24,6 +24,8 @@ Where each method runs, and what may overlap
 - `pre_start()` runs in a worker thread and may block; it may overlap a scan.
 - `stop()` runs in a worker thread after the last scan has returned; no scan
   follows it.
+- `labels()` runs on the event loop after each scan: no I/O, return what the
+  last `scan()` computed (published whole, like the state allocate() reads).
 - `HostContext.rescan()` is thread-safe and may be called from anywhere.
 
 What a container gets
@@ -288,6 +290,15 @@ class Driver(ABC, Generic[OptionsT]):
     def pre_start(self, resource: str, device_ids: Sequence[str]) -> None:
         """Prepares devices before the container starts (reset, bind). Optional; may block."""
         raise NotImplementedError
+
+    def labels(self) -> Mapping[str, str]:
+        """Node feature labels for Node Feature Discovery (`nvidia.com/gpu.present` -> `true`). Optional.
+
+        Called on the loop after each scan: no I/O; return what `scan()` computed.
+        Keys are label names with a DNS-subdomain prefix; values at most 63 of
+        [A-Za-z0-9._-]. The host merges every driver's labels into one file.
+        """
+        return {}
 
     def udev_matches(self) -> Sequence[UdevMatch]:
         """Kernel events that should make the host rescan this driver."""

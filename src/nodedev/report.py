@@ -53,7 +53,11 @@ def status(daemon: Daemon) -> dict[str, Any]:
         "phase": daemon.phase,
         "config": str(daemon.config.path),
         "pluginDir": str(daemon.config.plugin_dir),
-        "registration": {"mode": "kubelet", "socket": str(daemon.registrar.kubelet_socket)},
+        "registration": {
+            "mode": daemon.registrar.mode,
+            "socket": str(daemon.registrar.kubelet_socket),
+            "sockets": str(daemon.registrar.socket_dir),
+        },
         "kubeletRestarts": daemon.kubelet_restarts,
         "drivers": [{"name": r.name, "started": r.driver is not None, "error": r.error} for r in daemon.inventory.runners.values()],
         "resources": resources,

@@ -3,9 +3,17 @@
 The daemon listens on `statusSocket` (default `<pluginDir>/nodedev/status.sock`:
 a directory in the plugin directory survives the kubelet's restarts, which remove
 files only, and the plugin-directory lock already makes it one daemon's). The
-directory is 0700 and the socket 0600, so only root asks. A client connects and
-reads one JSON document, made on the event loop, then the daemon closes the
-connection; nothing a client sends is read.
+directory is 0700 and the socket 0600, so only root asks.
+
+The protocol is lines. A client sends one request line, then reads:
+
+- `status` (or nothing: end of file, or no line within a second): one JSON
+  document, made on the event loop, then the daemon closes the connection;
+- `watch`: the same document at once, then a new one (one per line) each time
+  anything in it changes, until either side closes. The daemon calls `notify()`
+  when a resource's devices changed, and also compares the report every
+  `recheck_s` (1 s), so nothing is missed however it changed; a client that does
+  not read within 5 s is dropped.
 """
 
 from __future__ import annotations
@@ -15,12 +23,18 @@ import contextlib
 import json
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import Any
 
 DEFAULT_NAME = Path("nodedev") / "status.sock"
 CLIENT_TIMEOUT_S = 5.0
+REQUEST_TIMEOUT_S = 1.0
+"""How long the daemon waits for a request line before it answers `status`."""
+RECHECK_S = 1.0
+"""How often a `watch` stream compares the report even when nobody called notify()."""
+MAX_REPORT_BYTES = 64 << 20
+"""The longest report line a client reads (a node with 10,000 devices makes about 2 MB)."""
 
 
 class StatusError(Exception):
@@ -37,6 +51,15 @@ class StatusServer:
         self._report = report
         self._server: asyncio.Server | None = None
         self._made_dir = False
+        self._watchers: set[asyncio.Event] = set()
+        self._streams: set[asyncio.StreamWriter] = set()
+        self._closing = asyncio.Event()
+        self.recheck_s = RECHECK_S
+
+    def notify(self) -> None:
+        """Something in the report may have changed: `watch` streams compare it now. Loop only."""
+        for wake in self._watchers:
+            wake.set()
 
     async def start(self) -> None:
         """Listens, replacing a socket a dead daemon left; refuses one a live daemon answers on."""
@@ -59,6 +82,9 @@ class StatusServer:
         server, self._server = self._server, None
         if server is None:
             return
+        self._closing.set()
+        for stream in list(self._streams):  # ends `watch` streams: their clients see end of file
+            stream.close()
         server.close()
         with contextlib.suppress(OSError):
             self.path.unlink()
@@ -68,12 +94,53 @@ class StatusServer:
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            writer.write(json.dumps(self._report(), sort_keys=True).encode() + b"\n")
-            await asyncio.wait_for(writer.drain(), CLIENT_TIMEOUT_S)
+            try:
+                request = (await asyncio.wait_for(reader.readline(), REQUEST_TIMEOUT_S)).strip()
+            except (TimeoutError, ValueError):
+                request = b""
+            if request == b"watch":
+                await self._stream(reader, writer)
+            elif request in (b"", b"status"):
+                await self._send(writer, self._report())
+            else:
+                await self._send(writer, {"error": f"unknown request {request[:40].decode(errors='replace')!r}; send status or watch"})
         except (OSError, TimeoutError):
             pass  # a client that went away or does not read
         finally:
             writer.close()
+
+    async def _send(self, writer: asyncio.StreamWriter, report: dict[str, Any]) -> str:
+        return await self._send_text(writer, json.dumps(report, sort_keys=True))
+
+    async def _stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """`watch`: the report now, then again whenever it differs, until either side closes."""
+        wake = asyncio.Event()
+        self._watchers.add(wake)
+        self._streams.add(writer)
+        gone = asyncio.ensure_future(reader.read(1))  # end of file (or anything) from the client: it is leaving
+        closing = asyncio.ensure_future(self._closing.wait())
+        try:
+            sent = await self._send(writer, self._report())
+            while True:
+                woken = asyncio.ensure_future(wake.wait())
+                done, _ = await asyncio.wait({woken, gone, closing}, timeout=self.recheck_s, return_when=asyncio.FIRST_COMPLETED)
+                woken.cancel()
+                if gone in done or closing in done:
+                    return
+                wake.clear()
+                text = json.dumps(self._report(), sort_keys=True)
+                if text != sent:
+                    sent = await self._send_text(writer, text)
+        finally:
+            gone.cancel()
+            closing.cancel()
+            self._watchers.discard(wake)
+            self._streams.discard(writer)
+
+    async def _send_text(self, writer: asyncio.StreamWriter, text: str) -> str:
+        writer.write(text.encode() + b"\n")
+        await asyncio.wait_for(writer.drain(), CLIENT_TIMEOUT_S)
+        return text
 
 
 def _answers(path: Path) -> bool:
@@ -92,6 +159,7 @@ def fetch(path: Path, timeout: float = CLIENT_TIMEOUT_S) -> dict[str, Any]:
         client.settimeout(timeout)
         try:
             client.connect(str(path))
+            client.sendall(b"status\n")
             chunks = []
             while chunk := client.recv(1 << 16):
                 chunks.append(chunk)
@@ -108,6 +176,48 @@ def fetch(path: Path, timeout: float = CLIENT_TIMEOUT_S) -> dict[str, Any]:
     except ValueError:
         raise StatusError(f"{path}: the answer is not a nodedev status (not JSON)") from None
     return report
+
+
+async def subscribe(path: Path, timeout: float = CLIENT_TIMEOUT_S) -> AsyncGenerator[dict[str, Any], None]:
+    """Follows the daemon on `path` (`watch`): each report as it changes, the first at once.
+
+    Connecting and the first report each have `timeout`; StatusError, in one line, if
+    none can be had. The iteration ends when the daemon closes the stream (it stopped).
+    """
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path), limit=MAX_REPORT_BYTES), timeout)
+    except FileNotFoundError:
+        raise StatusError(f"{path}: no such socket; is `nodedev serve` running with this config?") from None
+    except ConnectionRefusedError:
+        raise StatusError(f"{path}: nobody answers (the daemon that made it has stopped)") from None
+    except TimeoutError:
+        raise StatusError(f"{path}: no answer within {timeout:g} s") from None
+    except OSError as err:
+        raise StatusError(f"{path}: {err.strerror or err}") from None
+    try:
+        writer.write(b"watch\n")
+        first = True
+        while True:
+            try:
+                line = await (asyncio.wait_for(reader.readline(), timeout) if first else reader.readline())
+            except TimeoutError:
+                raise StatusError(f"{path}: no answer within {timeout:g} s") from None
+            except (OSError, ValueError) as err:
+                raise StatusError(f"{path}: the status stream broke: {err}") from None
+            if not line:
+                if first:
+                    raise StatusError(f"{path}: the daemon closed the connection without an answer")
+                return
+            first = False
+            try:
+                report: dict[str, Any] = json.loads(line)
+            except ValueError:
+                raise StatusError(f"{path}: the answer is not a nodedev status (not JSON)") from None
+            if "error" in report:  # a daemon that does not know `watch`
+                raise StatusError(f"{path}: the daemon cannot stream: {report['error']}")
+            yield report
+    finally:
+        writer.close()
 
 
 def summary(report: dict[str, Any]) -> str:

@@ -1,14 +1,14 @@
 """`nodedev watch`: every device and health change, one line each, as it happens.
 
 By default it runs the drivers in-process with the same hotplug engine as the
-daemon, so it shows reasons too. `--connect` instead reads a running daemon's
-own sockets through ListAndWatch, seeing exactly what the kubelet sees.
+daemon, so it shows reasons too. `--connect` instead follows a running daemon
+through its status socket (`nodedev status`'s, with a `watch` request): the
+devices it serves, their health and reasons, as the daemon itself has them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
 import signal
 import sys
 import time
@@ -16,13 +16,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from nodedev import status
 from nodedev.config import Config
 from nodedev.driver import Device, Health
 from nodedev.inventory import Change, Inventory, describe, natural_key
-
-SOCKET_PREFIX = "nodedev-"
-SOCKET_SUFFIX = ".sock"
-_SOCKET_NAME = re.compile(rf"^{re.escape(SOCKET_PREFIX)}([a-z0-9.-]+)_([A-Za-z0-9_.-]+){re.escape(SOCKET_SUFFIX)}$")
 
 
 def _emit(line: str) -> None:
@@ -31,11 +28,16 @@ def _emit(line: str) -> None:
 
 
 async def _until_signal() -> None:
+    await _signalled().wait()
+
+
+def _signalled() -> asyncio.Event:
+    """Set by SIGTERM or SIGINT from now on."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop
 
 
 class ChangePrinter:
@@ -73,26 +75,46 @@ async def watch_in_process(cfg: Config) -> int:
     return 0
 
 
-def resource_of_socket(name: str) -> str | None:
-    """`nodedev-devices.kubevirt.io_kvm.sock` -> `devices.kubevirt.io/kvm`; None for another file.
+class StatusPrinter:
+    """`watch --connect`: each report of the daemon's status stream, as lines of what changed.
 
-    The daemon's socket name is the resource with every character outside
-    [A-Za-z0-9.-] replaced by `_` (server.socket_name), and no RPC tells a client
-    the resource name, so it is derived back. That is exact for every name the
-    kubelet accepts, which the host checks before serving: the domain is a DNS
-    subdomain (no `_`), so the first `_` was the `/`, and the name after it may
-    hold only [A-Za-z0-9_.-], which the replacement leaves alone.
+    The first report says every resource's devices as added (with reasons: the
+    status socket has them, unlike the kubelet API), later ones only what differs:
+    devices added, removed, changing health or reason; a resource that appears
+    empty or becomes empty (said once), or is no longer served; a driver failing.
     """
-    match = _SOCKET_NAME.match(name)
-    return f"{match[1]}/{match[2]}" if match else None
 
+    def __init__(self, emit: Callable[[str], None] = _emit) -> None:
+        self._emit = emit
+        self._devices: dict[str, dict[str, Device]] = {}
+        self._empty: dict[str, bool] = {}
+        self._failed: dict[str, str | None] = {}
 
-def _snapshot(response: Any) -> dict[str, Device]:
-    """A ListAndWatch response as devices (no reasons: the kubelet API has none)."""
-    return {
-        d.ID: Device(d.ID, Health(d.health), "", tuple(n.ID for n in d.topology.nodes))
-        for d in response.devices
-    }
+    def __call__(self, report: Mapping[str, Any]) -> None:
+        for driver in report.get("drivers", []):
+            error = driver.get("error")
+            if error is not None and self._failed.get(driver["name"]) != error:
+                self._emit(f"driver {driver['name']}: not running: {error}")
+            self._failed[driver["name"]] = error
+        seen: set[str] = set()
+        for resource in report.get("resources", []):
+            name = resource["name"]
+            seen.add(name)
+            now = {
+                d["id"]: Device(d["id"], Health(d["health"]), d.get("reason", ""), tuple(d.get("numa", ())))
+                for d in resource["devices"]
+            }
+            for _, line in describe(name, _changes(name, self._devices.get(name, {}), now)):
+                self._emit(line)
+            self._devices[name] = now
+            was_empty = self._empty.get(name, False)
+            self._empty[name] = not now
+            if not now and not was_empty:
+                self._emit(f"{name}: no devices")
+        for name in sorted(self._devices.keys() - seen):
+            self._emit(f"{name}: no longer served")
+            del self._devices[name]
+            self._empty.pop(name, None)
 
 
 def _changes(resource: str, before: Mapping[str, Device], now: Mapping[str, Device]) -> list[Change]:
@@ -101,37 +123,32 @@ def _changes(resource: str, before: Mapping[str, Device], now: Mapping[str, Devi
     return [Change("", resource, before.get(i), now.get(i)) for i in ids if before.get(i) != now.get(i)]
 
 
-async def watch_daemon(plugin_dir: Path) -> int:
-    """Follows every nodedev socket in the plugin directory as the kubelet would."""
-    import grpc
-
-    from nodedev.api import deviceplugin_pb2 as pb
-    from nodedev.api import deviceplugin_pb2_grpc as pb_grpc
-
-    sockets = sorted(plugin_dir.glob(f"{SOCKET_PREFIX}*{SOCKET_SUFFIX}"))
-    if not sockets:
-        print(f"nodedev: no nodedev sockets in {plugin_dir}; is `nodedev serve` running there?", file=sys.stderr)
+async def watch_daemon(plugin_dir: Path, status_socket: str = "") -> int:
+    """Follows a running daemon through its status socket (`watch` requests): one line per change."""
+    path = status.socket_path(plugin_dir, status_socket)
+    stop = _signalled()  # before the first line is printed: whoever reads it may signal at once
+    printer = StatusPrinter()
+    stream = status.subscribe(path)
+    try:
+        printer(await anext(stream))  # the first report, or why there is none
+    except (status.StatusError, StopAsyncIteration) as err:
+        print(f"nodedev: watch: {err or f'{path}: no answer'}", file=sys.stderr)
         return 1
 
-    stub_for: Any = pb_grpc.DevicePluginStub  # generated without type hints, typed or not by the build
+    async def follow() -> None:
+        try:
+            async for report in stream:
+                printer(report)
+        except status.StatusError as err:
+            _emit(f"status stream ended: {err}")
+            return
+        _emit("status stream ended: the daemon stopped")
 
-    async def follow(socket: Path) -> None:
-        resource = resource_of_socket(socket.name) or socket.name
-        before: dict[str, Device] = {}
-        async with grpc.aio.insecure_channel(f"unix://{socket}") as channel:
-            try:
-                async for response in stub_for(channel).ListAndWatch(pb.Empty()):
-                    now = _snapshot(response)
-                    for _, line in describe(resource, _changes(resource, before, now)):
-                        _emit(line)
-                    before = now
-            except grpc.aio.AioRpcError as err:
-                _emit(f"{resource}: stream ended: {err.code().name} {err.details()}")
-
-    followers = [asyncio.create_task(follow(s)) for s in sockets]
-    waiter = asyncio.create_task(_until_signal())
-    await asyncio.wait([waiter, *followers], return_when=asyncio.FIRST_COMPLETED)
-    for task in [waiter, *followers]:
+    follower = asyncio.create_task(follow())
+    waiter = asyncio.create_task(stop.wait())
+    await asyncio.wait([waiter, follower], return_when=asyncio.FIRST_COMPLETED)
+    for task in (waiter, follower):
         task.cancel()
-    await asyncio.gather(waiter, *followers, return_exceptions=True)
+    await asyncio.gather(waiter, follower, return_exceptions=True)
+    await stream.aclose()
     return 0

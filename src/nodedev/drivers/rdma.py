@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -52,6 +52,8 @@ _RESOURCE_NAME = re.compile(r"^[a-zA-Z0-9_-]+$")
 _HEX_ID = re.compile(r"^[0-9a-fA-F]{4}$")
 _LINK_TYPES = frozenset(netdev.LINK_TYPES.values())
 MAX_SHARED_IDS = 100_000
+RDMA_CAPABLE = "feature.node.kubernetes.io/rdma.capable"
+RDMA_AVAILABLE = "feature.node.kubernetes.io/rdma.available"
 
 
 class RdmaSelectors(ConfigSection):
@@ -241,6 +243,7 @@ class RdmaDriver(Driver[RdmaOptions]):
         self._resources = options.resources
         self._watch: tuple[Path, ...] = ()
         self._fixture: bool | None = None
+        self._labels: Mapping[str, str] = {}
 
     @classmethod
     def declared_resources(cls, options: RdmaOptions) -> list[str]:
@@ -256,6 +259,7 @@ class RdmaDriver(Driver[RdmaOptions]):
         netdevs = tree.netdevs_by_address()
         hcas = [h for name in sorted(_listdir(self._class_ib)) if (h := self._read_hca(tree, name, netdevs)) is not None]
         snapshot = {r.full_name: self._devices(r, [h for h in hcas if selects(r, h)]) for r in self._resources}
+        self._labels = rdma_labels(hcas)
         if self._fixture is None:
             self._fixture = netdev.filesystem_type(self.host.sysfs_root) != "sysfs"
         if self._fixture:
@@ -302,6 +306,10 @@ class RdmaDriver(Driver[RdmaOptions]):
         numa = (hca.pci.numa_node,) if hca.pci is not None and hca.pci.numa_node is not None else ()
         return Device(id=hca.name, health=health, reason=hca.state, numa_nodes=numa, edits=ContainerEdits(devices=self._nodes([hca])))
 
+    def labels(self) -> Mapping[str, str]:
+        """NFD's rdma labels, as the last scan found the HCAs."""
+        return self._labels
+
     def udev_matches(self) -> Sequence[UdevMatch]:
         added = frozenset({"add", "remove"})
         return (
@@ -340,6 +348,15 @@ def build_simulation(root: Path) -> SysfsTree:
         tree.add_netdev(address, f"ib{index}", arphrd=ARPHRD_INFINIBAND, carrier=state == "ACTIVE")
         tree.add_rdma(address, f"mlx5_{index}", index, state=state, link_layer="InfiniBand")
     return tree
+
+
+def rdma_labels(hcas: Sequence[Hca]) -> dict[str, str]:
+    """Named as Node Feature Discovery names them: `rdma.capable` when an HCA is there,
+    `rdma.available` when one has a verbs device (ib_uverbs is loaded: user space can use it)."""
+    labels = {RDMA_CAPABLE: "true"} if hcas else {}
+    if any(c.startswith("uverbs") for h in hcas for c in h.chars):
+        labels[RDMA_AVAILABLE] = "true"
+    return labels
 
 
 def simulation_section(tree: SysfsTree) -> dict[str, object]:

@@ -50,7 +50,7 @@ from nodedev.driver import (
     UdevMatch,
 )
 from nodedev.drivers.nvidia import allocate as alloc
-from nodedev.drivers.nvidia import driverroot, environment, pcibus, resources, topology
+from nodedev.drivers.nvidia import driverroot, environment, gfd, pcibus, resources, topology
 from nodedev.drivers.nvidia.discovery import NVML_LIBRARY, Discovery, discover, normalize_bus_id
 from nodedev.drivers.nvidia.health import EventMonitor, HealthBook, HealthView, XidPolicy
 from nodedev.drivers.nvidia.mps import ControlDaemon
@@ -111,9 +111,9 @@ class NvidiaDriver(Driver[NvidiaOptions]):
         self._on_bus: set[str] = set()
         """GPUs (bus IDs) seen in sysfs, so one whose PCI device goes is noticed."""
         self._tried: set[str] = set()
+        """GPUs on the bus NVML was re-initialised for, so one it never lists costs one re-init."""
         self._gone: set[str] = set()
         """GPUs NVML still lists (until its next initialisation) whose PCI device is gone."""
-        """GPUs on the bus NVML was re-initialised for, so one it never lists costs one re-init."""
         self._driver_files: driverroot.DriverFiles | None = None
         self._hooks: tuple[dict[str, Any], ...] = ()
         self._env_note = "; from the environment: " + ", ".join(o.describe() for o in options.environment) if options.environment else ""
@@ -121,6 +121,7 @@ class NvidiaDriver(Driver[NvidiaOptions]):
         if options.sharing.mps is not None and options.flags.mps_root is not None:
             self._mps = ControlDaemon(self.visible_driver_root, options.flags.mps_root, options.shared_name(GPU_RESOURCE), self.log)
         self.view = View()
+        self._labels: Mapping[str, str] = {}
 
     # -- config ------------------------------------------------------------------
 
@@ -313,7 +314,12 @@ class NvidiaDriver(Driver[NvidiaOptions]):
         with self._lock:
             if self._stopped:
                 return {name: [] for name in self._served}
-            return self._scan(changed)
+            snapshot = self._scan(changed)
+            self._labels = gfd.node_labels(self._discovery, self._gone, self.options) if any(snapshot.values()) else {}
+            return snapshot
+
+    def labels(self) -> Mapping[str, str]:
+        return self._labels  # GPU Feature Discovery's, as the last scan found them (gfd.py)
 
     def _scan(self, changed: Collection[str] | None) -> Snapshot:
         if not self._open:
@@ -485,13 +491,9 @@ class NvidiaDriver(Driver[NvidiaOptions]):
         return topology.best_set(available, must_include, size, lambda a, b: scores.get((a, b), 0))
 
 
-def _group(unit: Unit, replicated: bool) -> str:
-    """Replicas spread over their physical device; MIG devices over their parent GPUs."""
-    return unit.target_uuid if replicated else unit.gpu.uuid
-
-
 def _spread(units: Sequence[Unit], replicated: bool) -> Spread:
-    group_of = {unit.id: _group(unit, replicated) for unit in units}
+    """Replicas spread over their physical device; MIG devices over their parent GPUs."""
+    group_of = {unit.id: unit.target_uuid if replicated else unit.gpu.uuid for unit in units}
     capacity: dict[str, int] = {}
     for group in group_of.values():
         capacity[group] = capacity.get(group, 0) + 1

@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -52,6 +52,7 @@ from nodedev.driver import (
 from nodedev.drivers import netdev
 from nodedev.drivers.pci import CLASS_NETWORK, CLASS_PROCESSING_ACCELERATOR, NOIOMMU_GROUP_NAME, PciDevice, PciTree
 from nodedev.drivers.sriov import simulate
+from nodedev.drivers.sriov.nfd import sriov_labels
 from nodedev.drivers.sriov.options import SriovOptions, SriovResource, SriovSelectors
 
 ENV_PREFIX = "PCIDEVICE_"
@@ -182,6 +183,7 @@ class SriovDriver(Driver[SriovOptions]):
         self._listed: frozenset[str] = frozenset()
         self._fixture_sysfs: bool | None = None
         self._fixture_proc: bool | None = None
+        self._labels: Mapping[str, str] = {}
 
     @classmethod
     def declared_resources(cls, options: SriovOptions) -> list[str]:
@@ -238,7 +240,12 @@ class SriovDriver(Driver[SriovOptions]):
         self._infos = {name: {f.device.id: f.info for f in items} for name, items in found.items()}
         self._sync_device_info([f for items in found.values() for f in items])
         self._watch = self._paths_to_watch(tree, devices, view)
+        self._labels = sriov_labels(devices.values())
         return {name: [f.device for f in items] for name, items in found.items()}
+
+    def labels(self) -> Mapping[str, str]:
+        """NFD's network-sriov labels, as the last scan found the PFs (nfd.py)."""
+        return self._labels
 
     def _claim(self, device: PciDevice, view: _View, health: tuple[Health, str], vhost: bool) -> Found | None:
         """The first entry with a selector taking the device, and what it offers; None if none."""
