@@ -119,7 +119,9 @@ class KubeletDouble:
     def start(self) -> None:
         self.plugin_dir.mkdir(parents=True, exist_ok=True)
         server = grpc.server(ThreadPoolExecutor(max_workers=16))
-        pb_grpc.add_RegistrationServicer_to_server(_Registration(self), server)
+        with self._cond:
+            born = (self.restarts, self._lives)
+        pb_grpc.add_RegistrationServicer_to_server(_Registration(self, born), server)
         server.add_insecure_port(f"unix://{self.socket}")
         server.start()
         self._server = server
@@ -207,9 +209,10 @@ class KubeletDouble:
 
     # --- the Registration service ------------------------------------------------
 
-    def _register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.Empty:
-        with self._cond:
-            incarnation, life = self.restarts, self._lives
+    def _register(self, request: pb.RegisterRequest, context: grpc.ServicerContext, born: tuple[int, int]) -> pb.Empty:
+        """`born` is the incarnation and life of the server that took the call: a handler
+        that only starts running after its server was stopped must not pass for the next one's."""
+        incarnation, life = born
         existed = "/" not in request.endpoint and (self.plugin_dir / request.endpoint).exists()
         try:
             result = self._accept(request, context, incarnation)
@@ -365,11 +368,12 @@ class KubeletDouble:
 
 
 class _Registration(pb_grpc.RegistrationServicer):
-    def __init__(self, kubelet: KubeletDouble) -> None:
+    def __init__(self, kubelet: KubeletDouble, born: tuple[int, int]) -> None:
         self.kubelet = kubelet
+        self.born = born
 
     def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.Empty:
-        return self.kubelet._register(request, context)
+        return self.kubelet._register(request, context, self.born)
 
 
 _IN_CREATE, _IN_DELETE, _IN_MOVED_FROM, _IN_MOVED_TO = 0x100, 0x200, 0x40, 0x80

@@ -10,6 +10,8 @@ never stalls the other resources, streams or SIGTERM.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import logging
 import os
 import re
@@ -27,6 +29,8 @@ from nodedev.driver import AllocationError, ContainerEdits, Device, Driver, Heal
 
 log = logging.getLogger("nodedev.server")
 
+_TEMPORARY = itertools.count(1)
+"""Numbers the temporary names sockets are bound under before they are renamed into place."""
 STOP_GRACE_S = 0.2
 """How long in-flight calls get at stop before they are cancelled; streams end at once."""
 MAX_SOCKET_PATH = 107
@@ -112,31 +116,38 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
     async def start(self) -> None:
         """Serves on the socket, replacing a stale file left there by an earlier run.
 
-        Anything can unlink the socket at any moment (a kubelet restart wipes the
-        directory): every step that touches the file is a ServeError, never a crash.
+        gRPC binds a temporary name, which is then renamed over the socket path:
+        the socket appears whole, already 0600, and when an earlier server of ours
+        shuts down, gRPC's own cleanup unlinks that server's temporary name rather
+        than the path a newer server now serves (seen under load: a restarted
+        socket deleted behind our back). Anything can unlink the socket at any
+        moment (a kubelet restart wipes the directory): every step that touches
+        the file is a ServeError, never a crash.
         """
         length = len(os.fsencode(self.socket_path))
         if length > MAX_SOCKET_PATH:
             raise ServeError(f"{self.resource}: socket path {self.socket_path} is {length} bytes, unix sockets allow {MAX_SOCKET_PATH}")
-        try:
-            self.socket_path.unlink(missing_ok=True)
-        except OSError as err:
-            raise ServeError(f"{self.resource}: cannot replace {self.socket_path}: {err.strerror}") from None
+        if self.socket_path.is_dir() and not self.socket_path.is_symlink():
+            raise ServeError(f"{self.resource}: cannot replace {self.socket_path}: it is a directory")
+        temporary = self.socket_path.with_name(f".nd-{os.getpid():x}-{next(_TEMPORARY):x}.sock")
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         pb_grpc.add_DevicePluginServicer_to_server(self, server)  # type: ignore[no-untyped-call]
         for add in self.services:
             add(server)
         try:
-            server.add_insecure_port(f"unix://{self.socket_path}")
+            server.add_insecure_port(f"unix://{temporary}")
         except RuntimeError:
             raise ServeError(f"{self.resource}: cannot listen on {self.socket_path}") from None
         await server.start()
         try:
-            os.chmod(self.socket_path, 0o600)
+            os.chmod(temporary, 0o600)
+            os.rename(temporary, self.socket_path)
             inode = self.socket_path.stat().st_ino
         except OSError as err:
             await server.stop(None)
-            raise ServeError(f"{self.resource}: {self.socket_path} vanished as it was created: {err.strerror}") from None
+            with contextlib.suppress(OSError):
+                temporary.unlink()
+            raise ServeError(f"{self.resource}: cannot replace {self.socket_path}: {err.strerror}") from None
         self.generation += 1
         self._closing = False
         self._inode = inode
