@@ -203,6 +203,7 @@ class Daemon:
                 await self._start_server(server)
         if initial and not any(server.serving for server in initial):
             return f"none of the {len(initial)} resource(s) can be served in {self.registrar.socket_dir}"
+        self.phase = "running"  # before the line that says so: probes and logs agree
         log.info("serving %d resource(s) in %s", sum(s.serving for s in self.servers.values()), self.registrar.socket_dir)
         return None
 
