@@ -25,6 +25,7 @@ import grpc
 from nodedev import metrics
 from nodedev.api import deviceplugin_pb2 as pb
 from nodedev.api import deviceplugin_pb2_grpc as pb_grpc
+from nodedev.config import MAX_SOCKET_PATH
 from nodedev.driver import AllocationError, ContainerEdits, Device, Driver, Health
 
 log = logging.getLogger("nodedev.server")
@@ -33,8 +34,6 @@ _TEMPORARY = itertools.count(1)
 """Numbers the temporary names sockets are bound under before they are renamed into place."""
 STOP_GRACE_S = 0.2
 """How long in-flight calls get at stop before they are cancelled; streams end at once."""
-MAX_SOCKET_PATH = 107
-"""sun_path holds 108 bytes with the terminating NUL; the kubelet could not dial a longer path either."""
 INLINE_IDS = 2000
 """Requests naming more IDs than this are checked and answered in a worker thread."""
 SHOWN_ID_CHARS = 80

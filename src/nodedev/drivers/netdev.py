@@ -64,6 +64,7 @@ from nodedev.driver import (
     Snapshot,
     UdevMatch,
 )
+from nodedev.drivers.pci import parse_int, read_text
 
 DEFAULT_PREFIX = "nodedev.io"
 ENV_PREFIX = "NETDEV_"
@@ -197,21 +198,6 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def _read_at(directory: int, name: str) -> str | None:
-    """One small sysfs file, relative to an open directory; None if it cannot be read
-    (absent, or `carrier` of a down link, which the kernel answers with EINVAL)."""
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=directory)
-    except OSError:
-        return None
-    try:
-        return os.read(fd, 4096).decode(errors="replace").strip()
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-
-
 def read_interface(net: Path, name: str) -> Interface | None:
     """Reads one interface; None if it vanished (or was renamed away) while being read.
 
@@ -235,17 +221,17 @@ def read_interface(net: Path, name: str) -> Interface | None:
 
 
 def _read_open_interface(directory: int, name: str) -> Interface | None:
-    arphrd = _int(_read_at(directory, "type"))
+    arphrd = parse_int(read_text("type", dir_fd=directory))
     if arphrd is None:
         return None
     try:
         driver: str | None = os.path.basename(os.readlink("device/driver", dir_fd=directory))
     except OSError:
         driver = None  # a virtual interface, or no driver bound to its device
-    numa = _int(_read_at(directory, "device/numa_node"))
-    admin_up = bool((_int(_read_at(directory, "flags")) or 0) & IFF_UP)
-    carrier_text = _read_at(directory, "carrier") if admin_up else None
-    operstate = _read_at(directory, "operstate")
+    numa = parse_int(read_text("device/numa_node", dir_fd=directory))
+    admin_up = bool((parse_int(read_text("flags", dir_fd=directory)) or 0) & IFF_UP)
+    carrier_text = read_text("carrier", dir_fd=directory) if admin_up else None
+    operstate = read_text("operstate", dir_fd=directory)
     return Interface(
         name=name,
         arphrd=arphrd,
@@ -264,16 +250,6 @@ def _still_named(path: Path, directory: int) -> bool:
     except OSError:
         return False
     return (now.st_dev, now.st_ino) == (opened.st_dev, opened.st_ino)
-
-
-def _int(text: str | None) -> int | None:
-    """Decimal or 0x-hex sysfs numbers; None for a missing or garbled file."""
-    if text is None:
-        return None
-    try:
-        return int(text, 0)
-    except ValueError:
-        return None
 
 
 def health(iface: Interface) -> tuple[Health, str]:

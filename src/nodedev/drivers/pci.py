@@ -103,10 +103,13 @@ class PciDevice:
         return self.total_vfs is not None
 
 
-def read_text(path: Path | str) -> str | None:
-    """A small sysfs file, stripped; None if it is absent or cannot be read."""
+def read_text(path: Path | str, dir_fd: int | None = None) -> str | None:
+    """A small sysfs file, stripped; None if it is absent or cannot be read.
+
+    With `dir_fd`, `path` is relative to that open directory: every file of one
+    device read through one handle, so a device renamed or removed mid-read is seen."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
     except OSError:
         return None
     try:
@@ -119,7 +122,11 @@ def read_text(path: Path | str) -> str | None:
 
 def read_int(path: Path | str) -> int | None:
     """A decimal or 0x-hex sysfs number; None if absent or garbled."""
-    text = read_text(path)
+    return parse_int(read_text(path))
+
+
+def parse_int(text: str | None) -> int | None:
+    """Decimal or 0x-hex sysfs numbers; None for a missing or garbled file."""
     if text is None:
         return None
     try:
