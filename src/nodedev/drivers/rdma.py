@@ -31,7 +31,6 @@ next event or periodic resync on a real node.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Collection, Mapping, Sequence
@@ -39,11 +38,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from nodedev.driver import ConfigSection, ContainerEdits, Device, DeviceNode, Driver, DriverOptions, Health, HostContext, Snapshot, UdevMatch
 from nodedev.drivers import netdev
 from nodedev.drivers.pci import PciDevice, PciTree, pci_parent, read_text
+from nodedev.drivers.peerconfig import read_json, unique_names
 from nodedev.drivers.sysfs_tree import ARPHRD_INFINIBAND, SysfsTree
 
 DEFAULT_PREFIX = "rdma"
@@ -128,34 +128,11 @@ class PluginFile(ConfigSection):
     config_list: list[RdmaResource] = []
 
 
-def _unique(resources: list[RdmaResource]) -> None:
-    seen: set[str] = set()
-    for resource in resources:
-        if resource.full_name in seen:
-            raise ValueError(f"resource {resource.full_name!r} is listed twice in configList")
-        seen.add(resource.full_name)
-
-
 def read_plugin_file(path: str) -> list[RdmaResource]:
     """The configList of an RDMA plugin JSON file; ValueError in one line naming the key."""
-    if not Path(path).is_absolute():
-        raise ValueError(f"{path!r} is not an absolute path")
+    parsed = read_json(path, PluginFile, "configList")
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: cannot read: {err}") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object with configList, got {type(data).__name__}")
-    try:
-        parsed = PluginFile.model_validate(data)
-        _unique(parsed.config_list)
-    except ValidationError as err:
-        first = err.errors(include_url=False)[0]
-        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"]).lstrip(".")
-        message = "unknown key" if first["type"] == "extra_forbidden" else str(first["msg"]).removeprefix("Value error, ")
-        raise ValueError(f"{path}: {where or 'configList'}: {message}") from None
+        unique_names(parsed.config_list, "configList")
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
     return parsed.config_list
@@ -177,7 +154,7 @@ class RdmaOptions(DriverOptions):
     @field_validator("config_list")
     @classmethod
     def _unique_names(cls, values: list[RdmaResource]) -> list[RdmaResource]:
-        _unique(values)
+        unique_names(values, "configList")
         return values
 
     @model_validator(mode="after")

@@ -15,16 +15,16 @@ than vendors/devices/drivers/pciAddresses/acpiIndexes for an accelerator).
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from nodedev.driver import ConfigSection, DriverOptions
 from nodedev.drivers.netdev import LINK_TYPES
 from nodedev.drivers.pci import is_pci_address
+from nodedev.drivers.peerconfig import read_json, unique_names
 
 DEFAULT_PREFIX = "intel.com"
 DEFAULT_DEVICE_INFO_DIR = "/var/run/k8s.cni.cncf.io/devinfo/dp"
@@ -196,39 +196,11 @@ class PluginFile(ConfigSection):
     resource_list: list[SriovResource] = []
 
 
-def unique_names(resources: list[SriovResource]) -> None:
-    seen: set[str] = set()
-    for resource in resources:
-        if resource.full_name in seen:
-            raise ValueError(f"resource {resource.full_name!r} is listed twice in resourceList")
-        seen.add(resource.full_name)
-
-
 def read_plugin_file(path: str) -> list[SriovResource]:
     """The resourceList of an SR-IOV plugin JSON file; ValueError in one line naming the key."""
-    if not Path(path).is_absolute():
-        raise ValueError(f"{path!r} is not an absolute path")
+    parsed = read_json(path, PluginFile, "resourceList")
     try:
-        text = Path(path).read_text()
-    except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: cannot read: {err}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object with resourceList, got {type(data).__name__}")
-    try:
-        parsed = PluginFile.model_validate(data)
-    except ValidationError as err:
-        first = err.errors(include_url=False)[0]
-        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"]).lstrip(".")
-        message = str(first["msg"]).removeprefix("Value error, ")
-        if first["type"] == "extra_forbidden":
-            message = "unknown key"
-        raise ValueError(f"{path}: {where or 'resourceList'}: {message}") from None
-    try:
-        unique_names(parsed.resource_list)
+        unique_names(parsed.resource_list, "resourceList")
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
     return parsed.resource_list
@@ -259,7 +231,7 @@ class SriovOptions(DriverOptions):
     @field_validator("resource_list")
     @classmethod
     def _unique(cls, values: list[SriovResource]) -> list[SriovResource]:
-        unique_names(values)
+        unique_names(values, "resourceList")
         return values
 
     @model_validator(mode="after")
