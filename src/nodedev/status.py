@@ -163,19 +163,24 @@ def fetch(path: Path, timeout: float = CLIENT_TIMEOUT_S) -> dict[str, Any]:
             chunks = []
             while chunk := client.recv(1 << 16):
                 chunks.append(chunk)
-        except FileNotFoundError:
-            raise StatusError(f"{path}: no such socket; is `nodedev serve` running with this config?") from None
-        except ConnectionRefusedError:
-            raise StatusError(f"{path}: nobody answers (the daemon that made it has stopped)") from None
-        except TimeoutError:
-            raise StatusError(f"{path}: no answer within {timeout:g} s") from None
-        except OSError as err:
-            raise StatusError(f"{path}: {err.strerror or err}") from None
+        except OSError as err:  # TimeoutError included
+            raise _unreachable(path, err, timeout) from None
     try:
         report: dict[str, Any] = json.loads(b"".join(chunks))
     except ValueError:
         raise StatusError(f"{path}: the answer is not a nodedev status (not JSON)") from None
     return report
+
+
+def _unreachable(path: Path, err: OSError, timeout: float) -> StatusError:
+    """Why the daemon on `path` cannot be asked, in one line."""
+    if isinstance(err, FileNotFoundError):
+        return StatusError(f"{path}: no such socket; is `nodedev serve` running with this config?")
+    if isinstance(err, ConnectionRefusedError):
+        return StatusError(f"{path}: nobody answers (the daemon that made it has stopped)")
+    if isinstance(err, TimeoutError):
+        return StatusError(f"{path}: no answer within {timeout:g} s")
+    return StatusError(f"{path}: {err.strerror or err}")
 
 
 async def subscribe(path: Path, timeout: float = CLIENT_TIMEOUT_S) -> AsyncGenerator[dict[str, Any], None]:
@@ -186,14 +191,8 @@ async def subscribe(path: Path, timeout: float = CLIENT_TIMEOUT_S) -> AsyncGener
     """
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path), limit=MAX_REPORT_BYTES), timeout)
-    except FileNotFoundError:
-        raise StatusError(f"{path}: no such socket; is `nodedev serve` running with this config?") from None
-    except ConnectionRefusedError:
-        raise StatusError(f"{path}: nobody answers (the daemon that made it has stopped)") from None
-    except TimeoutError:
-        raise StatusError(f"{path}: no answer within {timeout:g} s") from None
-    except OSError as err:
-        raise StatusError(f"{path}: {err.strerror or err}") from None
+    except OSError as err:  # TimeoutError included
+        raise _unreachable(path, err, timeout) from None
     try:
         writer.write(b"watch\n")
         first = True
