@@ -15,8 +15,12 @@ Where each method runs, and what may overlap
   for every resource the driver serves, of its devices with their health.
   `changed` names the kernel devices (interface names, PCI addresses) whose
   events caused this scan; the driver may re-read just those and reuse what it
-  read before for the rest. `None` means "read everything": at start, at the
-  periodic resync, after lost events, and for path events.
+  read before for the rest. A change in a watched directory (`watch_paths()`)
+  names the directory and the entries that changed in it, so a fixture tree
+  laid out as sysfs is yields the names a uevent would; names a driver does not
+  know (`driver`, `carrier`) may be ignored. `None` means "read everything": at
+  start, at the periodic resync, after lost events, and when a watched
+  directory itself appeared, vanished or was replaced.
 - `allocate()` and `preferred_allocation()` run on the event loop, possibly
   while a `scan()` runs in its thread: they must not block or do I/O, and they
   must read state that `scan()` publishes whole (assign a new dict, never
@@ -311,7 +315,10 @@ class Driver(ABC, Generic[OptionsT]):
         replaced (a `driver` symlink on rebind) and for files in it rewritten
         (`sriov_numvfs`, `operstate`). List every directory a scan read that is
         not under the real /sys (which sends uevents instead and where inotify
-        sees nothing): a fixture tree, a bind-mounted /dev.
+        sees nothing): a fixture tree, a bind-mounted /dev. A change reaches
+        `scan()` as the directory's name plus the changed entries' names (see
+        the module docstring): watch the directory named after what changed,
+        `devices/.../<pci>` for its `driver` link, not a parent of it.
         """
         return ()
 

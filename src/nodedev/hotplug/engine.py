@@ -10,8 +10,9 @@ match can take `link` events) and inotify on the directories drivers name in
 The engine only routes: the events of one moment (a SETTLE_S window) call
 `on_match(driver, names)` once for each driver a subscription of which one of
 them matched, with the kernel names those events concerned (None for "read
-everything": a path event names no device), and the Inventory turns those calls
-into scans. When events may have been lost (a netlink receive buffer overrun, a
+everything"), and the Inventory turns those calls into scans. A path event
+names the watched directory and the entries that changed in it: on a fixture
+tree laid out as sysfs is, the same names a uevent would carry. When events may have been lost (a netlink receive buffer overrun, a
 socket that failed and was reopened) it calls `on_lost(reason)`, and the
 Inventory rescans every driver: a full snapshot after the gap makes up for any
 event missed in it.
@@ -63,6 +64,22 @@ def fits(match: UdevMatch, event: Uevent, names: Sequence[str]) -> bool:
 
 def under_sysfs(path: Path) -> bool:
     return within(os.path.realpath(path), SYSFS)
+
+
+class _Resolver:
+    """`os.path.realpath` for many paths that share parents (4,096 VF directories in one
+    `devices/pci0000:00`): each parent is resolved once, and a path only when it is a link."""
+
+    def __init__(self) -> None:
+        self._parents: dict[Path, str] = {}
+
+    def __call__(self, path: Path) -> str:
+        if path.parent == path or os.path.islink(path):
+            return os.path.realpath(path)
+        parent = self._parents.get(path.parent)
+        if parent is None:
+            parent = self._parents[path.parent] = os.path.realpath(path.parent)
+        return os.path.join(parent, path.name)
 
 
 class HotplugEngine:
@@ -158,13 +175,14 @@ class HotplugEngine:
                 del self._path_drivers[path]
                 self._path_handles.pop(path).cancel()
         types: dict[int, str] | None = None
+        resolve = _Resolver()
         for path in new - old:
             if path in self._path_drivers:
                 self._path_drivers[path].add(driver)
                 continue
             if path in self._in_sysfs:
                 continue
-            real = os.path.realpath(path)
+            real = resolve(path)
             if within(real, SYSFS):
                 self._in_sysfs.add(path)
                 continue
@@ -180,10 +198,15 @@ class HotplugEngine:
             del self._path_drivers[path]
 
     def _on_path_change(self, path: Path, names: set[str]) -> None:
+        """A watched directory's change names what a uevent would: the directory
+        (`<pci>` for its `driver` link replaced, `eth0` for its `carrier`
+        rewritten) and the entries that changed in it (`class/net` gaining
+        `eth1`). An empty set, "something may have been missed", names nothing."""
+        told = frozenset({path.name, *names}) if names else None
         for driver in sorted(self._path_drivers.get(path, ())):
             if self.log.isEnabledFor(logging.DEBUG):
                 self.log.debug("path %s: %s -> %s", path, sorted(names) or "everything", driver)
-            self.notify(driver, None)
+            self.notify(driver, told)
 
     @property
     def channels(self) -> frozenset[str]:
