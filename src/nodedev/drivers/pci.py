@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,7 +70,7 @@ class PciDevice:
     """None when sysfs says -1 or nothing."""
     iommu_group: int | None
     iommu_group_name: str | None
-    """The group's `name` file: "vfio-noiommu" for a no-IOMMU group, else usually None."""
+    """The group's `name` file, read under vfio-pci only: "vfio-noiommu" for a no-IOMMU group, else usually None."""
     physfn: str | None
     """The PF's address when this is a VF; also set when the PF has vanished (dangling link)."""
     total_vfs: int | None
@@ -135,10 +135,10 @@ def parse_int(text: str | None) -> int | None:
         return None
 
 
-def link_name(path: Path | str) -> str | None:
+def link_name(path: Path | str, dir_fd: int | None = None) -> str | None:
     """The basename of a symlink's target (`driver`, `physfn`, `iommu_group`); None if no link."""
     try:
-        return os.path.basename(os.readlink(path))
+        return os.path.basename(os.readlink(path, dir_fd=dir_fd))
     except OSError:
         return None
 
@@ -150,19 +150,30 @@ def _listdir(path: Path | str) -> list[str]:
         return []
 
 
-def _hex_id(path: str) -> str | None:
-    text = read_text(path)
+def _hex_id(name: str, dir_fd: int) -> str | None:
+    text = read_text(name, dir_fd)
     if text is None:
         return None
     text = text.lower().removeprefix("0x")
     return text if re.fullmatch(r"[0-9a-f]{1,4}", text) else None
 
 
-def _names(base: str, entries: set[str], directory: str, prefixes: tuple[str, ...] = ("",)) -> tuple[str, ...]:
+def _int(name: str, dir_fd: int) -> int | None:
+    return parse_int(read_text(name, dir_fd))
+
+
+def _names(dir_fd: int, entries: set[str], directory: str, prefixes: tuple[str, ...] = ("",)) -> tuple[str, ...]:
     """Sorted entries of an optional subdirectory, listed only when the device has it."""
     if directory not in entries:
         return ()
-    return tuple(sorted(n for n in _listdir(f"{base}/{directory}") if n.startswith(prefixes)))
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return ()
+    try:
+        return tuple(sorted(n for n in os.listdir(fd) if n.startswith(prefixes)))
+    finally:
+        os.close(fd)
 
 
 class PciTree:
@@ -172,6 +183,7 @@ class PciTree:
         self.sysfs_root = Path(sysfs_root)
         self.devices_dir = self.sysfs_root / "bus" / "pci" / "devices"
         self.class_net = self.sysfs_root / "class" / "net"
+        self.drivers_dir = self.sysfs_root / "bus" / "pci" / "drivers"
 
     def path(self, address: str) -> Path:
         """`bus/pci/devices/<address>`: the link; the kernel resolves it to `devices/...`."""
@@ -179,15 +191,24 @@ class PciTree:
 
     def addresses(self) -> list[str]:
         """Every PCI function present, sorted."""
-        return sorted(name for name in _listdir(self.devices_dir) if is_pci_address(name))
+        return sorted(name for name in self.listing() if is_pci_address(name))
+
+    def listing(self) -> list[str]:
+        """`bus/pci/devices` as listed, unchecked and in no order."""
+        return _listdir(self.devices_dir)
+
+    def driver_dirs(self) -> list[Path]:
+        """`bus/pci/drivers/<name>`, sorted: binding links `<name>/<address>` there."""
+        return [self.drivers_dir / name for name in sorted(_listdir(self.drivers_dir))]
 
     def real_path(self, address: str) -> Path:
         """Where the device directory really is (`devices/pci0000:00/.../<address>`)."""
+        link = f"{self.devices_dir}/{address}"
         try:
-            target = os.readlink(self.path(address))
+            target = os.readlink(link)
         except OSError:
-            return Path(os.path.realpath(self.path(address)))
-        return Path(os.path.normpath(os.path.join(self.devices_dir, target)))
+            return Path(os.path.realpath(link))
+        return Path(os.path.normpath(os.path.join(link, "..", target)))
 
     def netdev_path(self, name: str) -> Path:
         """Where an interface's directory really is (`devices/.../net/<name>`)."""
@@ -204,49 +225,32 @@ class PciTree:
     def read_device(self, address: str) -> PciDevice | None:
         """Everything the drivers use about one function; None if it is not (or no longer) there.
 
-        The directory is listed first and optional files are read only when listed, so
-        a VF costs about eight system calls."""
-        base = f"{self.devices_dir}/{address}"
+        Every file is read through one handle on the device's directory, so the
+        kernel resolves the long `devices/pci0000:00/...` path once, not once a
+        file, and a device removed mid-read is noticed. The directory is listed
+        first and optional files are read only when listed: a VF costs about
+        eight system calls. The group's `name` is read only under vfio-pci, the
+        one driver it matters to (vfio-noiommu names its groups; others do not)."""
         try:
-            entries = set(os.listdir(base))
+            fd = os.open(f"{self.devices_dir}/{address}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
             return None
-        pci_class = read_int(f"{base}/class")
-        vendor = _hex_id(f"{base}/vendor")
-        device = _hex_id(f"{base}/device")
-        if pci_class is None or vendor is None or device is None:
-            return None
-        numa = read_int(f"{base}/numa_node")
-        group = link_name(f"{base}/iommu_group") if "iommu_group" in entries else None
-        total_vfs = read_int(f"{base}/sriov_totalvfs") if "sriov_totalvfs" in entries else None
-        virtfns = sorted(
-            (int(name[6:]), target) for name in entries if name.startswith("virtfn") and name[6:].isdigit() and (target := link_name(f"{base}/{name}"))
-        )
-        found = PciDevice(
-            address=address,
-            vendor=vendor,
-            device=device,
-            pci_class=pci_class,
-            driver=link_name(f"{base}/driver") if "driver" in entries else None,
-            numa_node=numa if numa is not None and numa >= 0 else None,
-            iommu_group=int(group) if group is not None and group.isdigit() else None,
-            iommu_group_name=read_text(f"{base}/iommu_group/name") if group is not None else None,
-            physfn=link_name(f"{base}/physfn") if "physfn" in entries else None,
-            total_vfs=total_vfs,
-            num_vfs=(read_int(f"{base}/sriov_numvfs") or 0) if total_vfs is not None else 0,
-            virtfns=tuple(target for _, target in virtfns),
-            acpi_index=read_text(f"{base}/acpi_index") if "acpi_index" in entries else None,
-            rdma_devices=_names(base, entries, "infiniband"),
-            uverbs=_names(base, entries, "infiniband_verbs", ("uverbs",)),
-            mad=_names(base, entries, "infiniband_mad", ("umad", "issm")),
-            vfio_cdevs=_names(base, entries, "vfio-dev", ("vfio",)),
-        )
-        if not os.path.isdir(base):  # removed while being read: its files may be a mix
-            return None
-        return found
+        try:
+            return _read_device(address, fd)
+        finally:
+            os.close(fd)
 
     def pf_present(self, address: str) -> bool:
         return os.path.isdir(self.path(address))
+
+    def netdev_names(self) -> list[str]:
+        """Every interface in `class/net`, in no particular order."""
+        return _listdir(self.class_net)
+
+    def netdev_address(self, name: str) -> str | None:
+        """The PCI function an interface belongs to (see `netdevs_by_address`); None if virtual or gone."""
+        address = _pci_in_link(f"{self.class_net}/{name}")
+        return address if address is not None else pci_parent(self.class_net / name / "device")
 
     def netdevs_by_address(self, names: Iterable[str] | None = None) -> dict[str, list[str]]:
         """PCI address -> its network interfaces (sorted), from `class/net/<if>`.
@@ -258,14 +262,17 @@ class PciTree:
         link of another shape. `names` limits the walk to those interfaces
         (default: all). Virtual interfaces (under `devices/virtual`) are left out.
         """
-        found: dict[str, list[str]] = {}
-        for name in sorted(_listdir(self.class_net) if names is None else names):
-            address = _pci_in_link(f"{self.class_net}/{name}")
-            if address is None:
-                address = pci_parent(self.class_net / name / "device")
-            if address is not None:
-                found.setdefault(address, []).append(name)
-        return found
+        return group_by_address({name: self.netdev_address(name) for name in (self.netdev_names() if names is None else names)})
+
+
+def group_by_address(addresses: Mapping[str, str | None]) -> dict[str, list[str]]:
+    """Interface -> PCI address (None: not on PCI) turned into PCI address -> sorted interfaces."""
+    found: dict[str, list[str]] = {}
+    for name in sorted(addresses):
+        address = addresses[name]
+        if address is not None:
+            found.setdefault(address, []).append(name)
+    return found
 
 
 def _pci_in_link(path: str) -> str | None:
@@ -294,3 +301,44 @@ def pci_parent(path: Path) -> str | None:
         if is_pci_address(part):
             return part
     return None
+
+
+def _read_device(address: str, fd: int) -> PciDevice | None:
+    try:
+        entries = set(os.listdir(fd))
+    except OSError:
+        return None
+    pci_class = _int("class", fd)
+    vendor = _hex_id("vendor", fd)
+    device = _hex_id("device", fd)
+    if pci_class is None or vendor is None or device is None:
+        return None
+    numa = _int("numa_node", fd)
+    driver = link_name("driver", fd) if "driver" in entries else None
+    group = link_name("iommu_group", fd) if "iommu_group" in entries else None
+    total_vfs = _int("sriov_totalvfs", fd) if "sriov_totalvfs" in entries else None
+    virtfns = sorted((int(name[6:]), target) for name in entries if name.startswith("virtfn") and name[6:].isdigit() and (target := link_name(name, fd)))
+    found = PciDevice(
+        address=address,
+        vendor=vendor,
+        device=device,
+        pci_class=pci_class,
+        driver=driver,
+        numa_node=numa if numa is not None and numa >= 0 else None,
+        iommu_group=int(group) if group is not None and group.isdigit() else None,
+        iommu_group_name=read_text("iommu_group/name", fd) if group is not None and driver == "vfio-pci" else None,
+        physfn=link_name("physfn", fd) if "physfn" in entries else None,
+        total_vfs=total_vfs,
+        num_vfs=(_int("sriov_numvfs", fd) or 0) if total_vfs is not None else 0,
+        virtfns=tuple(target for _, target in virtfns),
+        acpi_index=read_text("acpi_index", fd) if "acpi_index" in entries else None,
+        rdma_devices=_names(fd, entries, "infiniband"),
+        uverbs=_names(fd, entries, "infiniband_verbs", ("uverbs",)),
+        mad=_names(fd, entries, "infiniband_mad", ("umad", "issm")),
+        vfio_cdevs=_names(fd, entries, "vfio-dev", ("vfio",)),
+    )
+    try:
+        os.stat("class", dir_fd=fd)
+    except OSError:  # removed while being read: its files may be a mix
+        return None
+    return found
