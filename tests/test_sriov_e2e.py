@@ -116,12 +116,13 @@ def test_a_real_pci_uevent_of_a_network_function_rescans_the_driver(tmp_path: Pa
     PCI_CLASS glob in the kernel's spelling) must catch the kernel's own event. A
     function the fixture tree hides from inotify (a class rewritten in a directory
     nobody watches) shows up only if the synthetic `bind` uevent of this machine's
-    real NIC wakes the driver."""
+    real NIC wakes the driver, naming the function: the fixture's function at the
+    real NIC's address is read again, and only because the event named it."""
     address = real_network_function()
     if address is None:
         pytest.skip("this machine has no PCI network function")
     tree = SysfsTree(tmp_path / "node")
-    hidden = "0000:40:00.0"
+    hidden = address
     tree.add_pci(hidden, pci_class=0x030000, driver="iavf")
     process = nodedev(config(tree, tmp_path / "devinfo"))
     lists = Lists(kubelet)

@@ -30,6 +30,7 @@ start removes those of devices that have gone.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -54,6 +55,7 @@ from nodedev.drivers.pci import CLASS_NETWORK, CLASS_PROCESSING_ACCELERATOR, NOI
 from nodedev.drivers.sriov import simulate
 from nodedev.drivers.sriov.nfd import sriov_labels
 from nodedev.drivers.sriov.options import SriovOptions, SriovResource, SriovSelectors
+from nodedev.drivers.sriov.reading import NodeReader
 
 ENV_PREFIX = "PCIDEVICE_"
 VFIO_DRIVER = "vfio-pci"
@@ -73,6 +75,13 @@ def env_name(resource: str) -> str:
 def device_info_name(resource: str, address: str) -> str:
     """The CNI device-info file name: `<resource with / as ->-<address>-device.json`."""
     return f"{resource.replace('/', '-')}-{address}-device.json"
+
+
+def device_info(address: str, rdma_device: str) -> str:
+    """The CNI device-info file's content (keys sorted, as `json.dumps(sort_keys=True)` has them;
+    built by hand because a 4,096-VF node writes 4,096 at start)."""
+    pci = f'{{"pci-address": {json.dumps(address)}, "rdma-device": {json.dumps(rdma_device)}}}'
+    return f'{{"pci": {pci}, "type": "pci", "version": "{DEVICE_INFO_VERSION}"}}'
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,15 +181,16 @@ class SriovDriver(Driver[SriovOptions]):
         """Device-info file name -> the content this process last wrote there."""
         self._real: dict[str, Path] = {}
         self._cleaned = False
+        self._info_failed = False
         self._excluded_said: frozenset[str] = frozenset()
         self._watch: tuple[Path, ...] = ()
-        self._devices: dict[str, PciDevice] = {}
-        self._stamps: dict[str, tuple[int, int, int]] = {}
+        self._reader = NodeReader(PciTree(host.sysfs_root), self._classes)
         self._made: dict[str, tuple[tuple[Any, ...], Found | None]] = {}
+        """Address -> (what decided it, what it is offered as) from the last scan."""
+        self._pf_healths: dict[str, tuple[Health, str]] = {}
+        self._vhost = False
+        self._snapshot: Snapshot = {}
         self._link_types = any(s.link_types for r in self._resources for s in r.selectors)
-        self._netdevs: dict[str, list[str]] = {}
-        self._net_stamp: tuple[int, int, int] | None = None
-        self._listed: frozenset[str] = frozenset()
         self._fixture_sysfs: bool | None = None
         self._fixture_proc: bool | None = None
         self._labels: Mapping[str, str] = {}
@@ -192,56 +202,75 @@ class SriovDriver(Driver[SriovOptions]):
     # -- scanning -----------------------------------------------------------------------
 
     def scan(self, changed: Collection[str] | None = None) -> Snapshot:
-        """Every function of a wanted class, re-reading only what may have changed.
+        """Every function of a wanted class, re-deciding only what may have changed.
 
-        The device list is read every time. A function is read again when it is new,
-        when `changed` names it, and when `changed` is None; on the real /sys PFs
-        are read every time too (a VF coming or going changes its PF's `virtfn*`
-        and the uevent names the VF). On a fixture tree, where path events name
-        nothing, a function is read again only when its directory changed: an
-        entry added, removed or replaced, which is what bind, unbind and
-        `sriov_numvfs` do; `class/net` is read again only when it changed. The
-        links whose state is health (PFs', and those of functions offered whole)
-        are read every time. What a device is offered as is then recomputed only
-        for devices whose inputs changed.
+        `NodeReader` reads again what `changed` names (see reading.py) and says
+        which functions differ. What a function is offered as is decided again
+        for those, for the VFs of a PF that differs or whose link health changed
+        (the links that are health, PFs' and those of functions offered whole,
+        are read every scan), and for everything on a full scan, when the
+        `vhost-net` nodes come or go, or when `linkTypes` selectors read every
+        interface's link. One rebind among 4,096 VFs costs a few milliseconds.
         """
-        tree = PciTree(self.host.sysfs_root)
         if self._fixture_sysfs is None:
             self._fixture_sysfs = netdev.filesystem_type(self.host.sysfs_root) != "sysfs"
             self._fixture_proc = netdev.filesystem_type(self.host.proc_root) != "proc"
-        netdevs = self._read_netdevs(tree)
-        devices = self._read_devices(tree, changed)
-        view = _View(devices, netdevs, {}, tree, self._listed)
+        reading = self._reader.read(changed)
+        devices, tree = reading.devices, self._reader.tree
+        view = _View(devices, reading.netdevs, {}, tree, reading.listed)
         excluded = self._default_route_devices(view)
         vhost = (self.host.dev_root / "vhost-net").exists() and (self.host.dev_root / "net" / "tun").exists()
-        found: dict[str, list[Found]] = {r.full_name: [] for r in self._resources}
-        made: dict[str, tuple[tuple[Any, ...], Found | None]] = {}
-        healths: dict[str | None, tuple[Health, str]] = {}
-        for address, device in devices.items():
-            if address in excluded or (device.is_pf and device.num_vfs > 0):
-                continue
-            # Everything a device's resource, health and edits depend on: when none of it
-            # changed since the last scan (compared by identity first, so cheaply), the
-            # last answer stands. 4,096 unchanged VFs cost a few milliseconds.
-            root = device.physfn or address
-            health = healths.get(device.physfn) if device.physfn else None
-            if health is None:
-                health = _health(device, view)
-                if device.physfn:
-                    healths[device.physfn] = health
-            links = tuple(view.link(n) for n in (view.names(address) or view.names(root))[:1]) if self._link_types else ()
-            key = (device, devices.get(root), netdevs.get(root), netdevs.get(address), links, health, vhost)
-            cached = self._made.get(address)
-            item = cached[1] if cached is not None and cached[0] == key else self._claim(device, view, health, vhost)
-            made[address] = (key, item)
-            if item is not None:
-                found[item.resource].append(item)
-        self._made = made
-        self._infos = {name: {f.device.id: f.info for f in items} for name, items in found.items()}
-        self._sync_device_info([f for items in found.values() for f in items])
+        dirty = reading.dirty
+        if dirty is not None and (self._link_types or vhost != self._vhost):
+            dirty = None
+        made, touched = self._decide(view, excluded, vhost, dirty)
+        touched |= self._made.keys() - made.keys()
+        if touched or dirty is None:
+            found: dict[str, list[Found]] = {r.full_name: [] for r in self._resources}
+            for _, item in made.values():
+                if item is not None:
+                    found[item.resource].append(item)
+            self._infos = {name: {f.device.id: f.info for f in items} for name, items in found.items()}
+            self._sync_device_info(made, touched if dirty is not None else None)
+            self._snapshot = {name: [f.device for f in items] for name, items in found.items()}
+        self._made, self._vhost = made, vhost
         self._watch = self._paths_to_watch(tree, devices, view)
         self._labels = sriov_labels(devices.values())
-        return {name: [f.device for f in items] for name, items in found.items()}
+        return self._snapshot
+
+    def _decide(
+        self, view: _View, excluded: Mapping[str, list[str]], vhost: bool, dirty: frozenset[str] | None
+    ) -> tuple[dict[str, tuple[tuple[Any, ...], Found | None]], set[str]]:
+        """What each function is offered as (None: nothing), with the inputs that decided it, and
+        the functions whose answer is new. A VF neither dirty itself nor under a dirty PF or a PF
+        whose health changed keeps its last answer without a look; any other function is decided
+        again, unless all it depends on is what it was (compared by identity first, so cheaply)."""
+        made: dict[str, tuple[tuple[Any, ...], Found | None]] = {}
+        touched: set[str] = set()
+        healths: dict[str, tuple[Health, str]] = {}
+        last, last_healths = self._made, self._pf_healths
+        for address, device in view.devices.items():
+            if address in excluded or (device.total_vfs is not None and device.num_vfs > 0):
+                continue
+            pf = device.physfn
+            known = healths.get(pf) if pf is not None else None
+            health = known if known is not None else _health(device, view)
+            if pf is not None:
+                healths[pf] = health
+            if pf is not None and dirty is not None and address not in dirty and pf not in dirty and address in last and last_healths.get(pf) == health:
+                made[address] = last[address]
+                continue
+            root = pf or address
+            links = tuple(view.link(n) for n in (view.names(address) or view.names(root))[:1]) if self._link_types else ()
+            key = (device, view.devices.get(root), view.netdevs.get(root), view.netdevs.get(address), links, health, vhost)
+            cached = last.get(address)
+            if cached is not None and cached[0] == key:
+                made[address] = cached
+                continue
+            made[address] = (key, self._claim(device, view, health, vhost))
+            touched.add(address)
+        self._pf_healths = healths
+        return made, touched
 
     def labels(self) -> Mapping[str, str]:
         """NFD's network-sriov labels, as the last scan found the PFs (nfd.py)."""
@@ -256,43 +285,6 @@ class SriovDriver(Driver[SriovOptions]):
             if selector is not None:
                 return self._found(resource, selector, device, health, vhost)
         return None
-
-    def _read_netdevs(self, tree: PciTree) -> dict[str, list[str]]:
-        """Interfaces by PCI function; on a fixture tree reused while `class/net` is unchanged."""
-        stamp = _stamp(tree.class_net) if self._fixture_sysfs else None
-        if stamp is None or stamp != self._net_stamp:
-            self._netdevs = tree.netdevs_by_address()
-            self._net_stamp = stamp
-        return self._netdevs
-
-    def _read_devices(self, tree: PciTree, changed: Collection[str] | None) -> dict[str, PciDevice]:
-        """The functions of wanted classes, from the cache where nothing says they changed."""
-        named = set(changed) if changed is not None else set()
-        read_all = changed is None and not self._fixture_sysfs
-        devices: dict[str, PciDevice] = {}
-        stamps: dict[str, tuple[int, int, int]] = {}
-        listed = tree.addresses()
-        self._listed = frozenset(listed)
-        self._real = {a: p for a, p in self._real.items() if a in self._listed}
-        for address in listed:
-            old = self._devices.get(address)
-            stamp = _stamp(f"{tree.devices_dir}/{address}") if self._fixture_sysfs else None
-            fresh = old is None or read_all or address in named or (old.is_pf and not self._fixture_sysfs)
-            if not fresh and self._fixture_sysfs and (stamp is None or self._stamps.get(address) != stamp):
-                fresh = True
-            if not fresh and old is not None:
-                device: PciDevice | None = old
-            else:
-                pci_class = old.pci_class if old is not None else tree.pci_class(address)
-                if pci_class is None or pci_class >> 16 not in self._classes:
-                    continue
-                device = tree.read_device(address)
-            if device is not None:
-                devices[address] = device
-                if stamp is not None:
-                    stamps[address] = stamp
-        self._devices, self._stamps = devices, stamps
-        return devices
 
     def _default_route_devices(self, view: _View) -> dict[str, list[str]]:
         """Functions owning an interface with a default route (or below one), and which."""
@@ -332,8 +324,7 @@ class SriovDriver(Driver[SriovOptions]):
             info["extra"] = extra
         numa = () if resource.exclude_topology or device.numa_node is None else (device.numa_node,)
         edits = ContainerEdits(devices=tuple(nodes), envs={self._env[resource.full_name]: address})
-        pci_info = {"pci-address": address, "rdma-device": device.rdma_devices[0] if device.rdma_devices else ""}
-        content = json.dumps({"type": "pci", "version": DEVICE_INFO_VERSION, "pci": pci_info}, sort_keys=True)
+        content = device_info(address, device.rdma_devices[0] if device.rdma_devices else "")
         return Found(
             resource=resource.full_name,
             device=Device(id=address, health=health[0], reason=health[1], numa_nodes=numa, edits=edits),
@@ -344,8 +335,21 @@ class SriovDriver(Driver[SriovOptions]):
 
     # -- device-info files --------------------------------------------------------------
 
-    def _sync_device_info(self, found: list[Found]) -> None:
-        wanted = {f.info_file: f.info_content for f in found}
+    def _sync_device_info(self, made: Mapping[str, tuple[Any, Found | None]], touched: set[str] | None) -> None:
+        """Writes the files of the devices whose answer is new and removes those of devices gone
+        or moved to another resource; every file is checked when `touched` is None or the last
+        sync failed. Runs before `self._made` takes `made`, so the old answers are still there."""
+        if touched is None or self._info_failed:
+            wanted = {f.info_file: f.info_content for _, f in made.values() if f is not None}
+            stale = self._written.keys() - wanted.keys()
+        else:
+            wanted, stale = {}, set()
+            for address in touched:
+                old, new = self._made.get(address, (None, None))[1], made.get(address, (None, None))[1]
+                if new is not None:
+                    wanted[new.info_file] = new.info_content
+                if old is not None and (new is None or new.info_file != old.info_file):
+                    stale.add(old.info_file)
         if not wanted and not self._written and not self._info_dir.is_dir():
             return  # nothing offered: do not create the directory on a node without SR-IOV
         try:
@@ -355,13 +359,15 @@ class SriovDriver(Driver[SriovOptions]):
                 self._cleaned = True
             for path, content in wanted.items():
                 if self._written.get(path) != content:
-                    _write_read_only(self._info_dir / path, content)
+                    _write_read_only(f"{self._info_dir}/{path}", content)
                     self._written[path] = content
-            for path in set(self._written) - set(wanted):
+            for path in stale:
                 (self._info_dir / path).unlink(missing_ok=True)
-                del self._written[path]
+                self._written.pop(path, None)
+            self._info_failed = False
         except OSError as err:
             self.host.log.warning("device-info files in %s: %s", self._info_dir, err)
+            self._info_failed = True
 
     def _remove_stale(self, wanted: set[str]) -> None:
         """Files of our resources left by an earlier run for devices that are gone."""
@@ -401,18 +407,20 @@ class SriovDriver(Driver[SriovOptions]):
 
     def _paths_to_watch(self, tree: PciTree, devices: dict[str, PciDevice], view: _View) -> tuple[Path, ...]:
         """For a fixture tree only (the real /sys sends uevents): the device list, the
-        interface list, each function's directory (its `driver` link, `sriov_numvfs`,
+        interface list, each driver's directory (binding adds `<driver>/<address>`, so
+        the event names the function rebound), each PF's directory (`sriov_numvfs`,
         `virtfn*`) and the directories of the interfaces whose link is health (PFs',
-        and those of functions offered whole)."""
+        and those of functions offered whole). Not every VF's directory: 4,096 watches
+        cost more to place than all else a scan does."""
         paths: list[Path] = []
         if self._fixture_sysfs:
-            paths += [tree.devices_dir, tree.class_net]
-            for address, device in devices.items():
-                if address not in self._real:
-                    self._real[address] = tree.real_path(address)
-                paths.append(self._real[address])
-                if not device.is_vf:
-                    paths += [tree.netdev_path(name) for name in view.names(address)]
+            paths += [tree.devices_dir, tree.class_net, tree.drivers_dir, *tree.driver_dirs()]
+            wholes = [d for d in devices.values() if not d.is_vf]
+            self._real = {d.address: self._real.get(d.address) or tree.real_path(d.address) for d in wholes if d.is_pf}
+            for device in wholes:
+                if device.is_pf:
+                    paths.append(self._real[device.address])
+                paths += [tree.netdev_path(name) for name in view.names(device.address)]
         if self._fixture_proc:
             paths.append(self.host.proc_root / "net")
         return tuple(paths)
@@ -442,18 +450,10 @@ def _health(device: PciDevice, view: _View) -> tuple[Health, str]:
     return Health.HEALTHY, "; ".join(said) or "no interface to check"
 
 
-def _stamp(path: Path | str) -> tuple[int, int, int] | None:
-    """What changes when a fixture directory gains, loses or replaces an entry."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def _write_read_only(path: Path, content: str) -> None:
+def _write_read_only(path: str, content: str) -> None:
     """Writes `path` whole or not at all (a reader never sees half a file), mode 0444."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    head, _, name = path.rpartition("/")
+    temporary = f"{head}/.{name}.{os.getpid()}.tmp"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o444)
     try:
         try:
@@ -462,5 +462,6 @@ def _write_read_only(path: Path, content: str) -> None:
             os.close(fd)
         os.replace(temporary, path)
     except BaseException:
-        temporary.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
         raise
