@@ -7,13 +7,16 @@ against the kubelet double in tests/kubelet.py, and measures:
 
 - start: process spawned -> the kubelet double holds the full list of 4,096. Target 1 s.
 - RSS of the daemon once the full list is out. Target 80 MB.
-- one VF's driver change (iavf -> vfio-pci, then back): the `driver` link
-  replaced in the tree -> the kubelet double received lists showing the VF under
-  its new resource and gone from the old one. Target 50 ms.
+- one VF's driver change (iavf -> vfio-pci, then back), from the start of the
+  rebind in the tree (the `driver` links replaced, the interface removed or
+  added) until the lists showing the VF under its new resource and gone from
+  the old one came off the kubelet double's ListAndWatch streams. Target 50 ms.
+  The same is shown once the double has also turned both lists into Python
+  dicts, which for 4,096 devices takes it longer than the kubelet's Go does.
 
-The fixture tree is a path event for the daemon (inotify), so every change is a
-full scan of 4,096 functions with nothing named: the worst case. On a real
-node the uevent names the VF.
+The fixture tree reaches the daemon as inotify events, which name what changed
+as a uevent would (the function in `drivers/<name>/`, the interface in
+`class/net`), so each change reads one VF and its PF, not 4,096 functions.
 """
 
 from __future__ import annotations
@@ -102,6 +105,7 @@ def main() -> None:
         start_s = time.perf_counter() - started
         rss = rss_mib(proc.pid)
         took: list[float] = []
+        seen: list[float] = []
         for i in range(args.changes):
             vf = vfs[(i * 97) % total]
             for driver, there, gone in (("vfio-pci", DPDK, NET), ("iavf", NET, DPDK)):
@@ -112,10 +116,16 @@ def main() -> None:
                     timeout=10,
                     what=f"{vf} under {there}",
                 )
-                took.append((time.perf_counter() - t0) * 1000)
+                seen.append((time.perf_counter() - t0) * 1000)
+                came = kubelet.arrived(there, lambda view, vf=vf: vf in view, t0)
+                left = kubelet.arrived(gone, lambda view, vf=vf: vf not in view, t0)
+                assert came is not None and left is not None
+                took.append((max(came, left) - t0) * 1000)
         print(f"| start -> full list of {total} VFs at the kubelet | {start_s * 1000:.0f} ms | <= 1 s |")
         p50, p99 = statistics.median(took), pct(took, 0.99)
-        print(f"| one VF's driver change -> the kubelet's lists, p50 / p99 (n={len(took)}) | {p50:.1f} ms / {p99:.1f} ms | <= 50 ms |")
+        print(f"| one VF's driver change -> both lists at the kubelet's socket, p50 / p99 (n={len(took)}) | {p50:.1f} ms / {p99:.1f} ms | <= 50 ms |")
+        p50, p99 = statistics.median(seen), pct(seen, 0.99)
+        print(f"| the same, once the Python kubelet double has decoded both | {p50:.1f} ms / {p99:.1f} ms | |")
         print(f"| RSS with {total} devices | {rss:.1f} MiB | <= 80 MB |")
     finally:
         if proc is not None:

@@ -109,6 +109,9 @@ class KubeletDouble:
         self.rejections: list[str] = []
         self.endpoints: dict[str, Endpoint] = {}
         self.history: dict[str, list[DeviceView]] = {}
+        self.arrivals: dict[str, list[float]] = {}
+        """`time.perf_counter()` at which each list in `history` came off the wire, before this
+        double turned it into a view (which, in Python, takes longer than the kubelet's Go)."""
         self.restarts = 0
         self._lives = 0
         self._cond = threading.Condition()
@@ -178,6 +181,14 @@ class KubeletDouble:
             if endpoint is None or endpoint.ended or not endpoint.lists:
                 return None
             return endpoint.lists[-1]
+
+    def arrived(self, resource: str, predicate: Callable[[DeviceView], bool], since: float) -> float | None:
+        """When the first list of `resource` that came after `since` and satisfies `predicate` arrived."""
+        with self._cond:
+            for view, at in zip(self.history.get(resource, []), self.arrivals.get(resource, []), strict=True):
+                if at >= since and predicate(view):
+                    return at
+        return None
 
     def updates(self, resource: str) -> list[DeviceView]:
         """Every list received for `resource`, across endpoints, in order."""
@@ -354,10 +365,12 @@ class KubeletDouble:
     def _watch(self, endpoint: Endpoint) -> None:
         try:
             for response in pb_grpc.DevicePluginStub(endpoint.channel).ListAndWatch(pb.Empty()):
+                arrived = time.perf_counter()
                 view = {d.ID: (d.health, tuple(n.ID for n in d.topology.nodes)) for d in response.devices}
                 with self._cond:
                     endpoint.lists.append(view)
                     self.history.setdefault(endpoint.resource, []).append(view)
+                    self.arrivals.setdefault(endpoint.resource, []).append(arrived)
                     self._cond.notify_all()
         except (grpc.RpcError, ValueError):  # ValueError: the channel was closed by a re-registration
             pass
