@@ -126,7 +126,6 @@ class SysfsTree:
         _write(base / "numa_node", str(numa_node))
         _write(base / "uevent", f"PCI_CLASS={pci_class:X}\nPCI_SLOT_NAME={address}")
         _symlink(base / "subsystem", "../../../bus/pci")
-        _symlink(self.sys / "bus" / "pci" / "devices" / address, f"../../../devices/pci0000:00/{address}")
         if iommu:
             group = self._next_group
             self._next_group += 1
@@ -140,6 +139,8 @@ class SysfsTree:
         if physfn is not None:
             _symlink(base / "physfn", f"../{physfn}")
         self._functions[address] = _Function(address, netdev=netdev, netdev_sub=netdev_sub, netdev_up=netdev_up)
+        # Listed once complete: a daemon watching the tree reads it when this link appears.
+        _symlink(self.sys / "bus" / "pci" / "devices" / address, f"../../../devices/pci0000:00/{address}")
         if driver is not None:
             self.bind(address, driver)
         return base
@@ -215,15 +216,13 @@ class SysfsTree:
     def bind(self, address: str, driver: str) -> None:
         """Binds `driver`, replacing any other: the `driver` link is replaced in one rename,
         the interface comes (network driver) or goes (vfio-pci, which also gets its
-        `/dev/vfio/<group>` node)."""
+        `/dev/vfio/<group>` node). The `bus/pci/drivers/<name>/<address>` links change
+        last, the old one removed after the new one is made: a daemon watching the tree
+        learns of the rebind there, so the function must be complete by then."""
         base = self.device_dir(address)
         function = self._functions[address]
         drivers = self.sys / "bus" / "pci" / "drivers"
         old = _readlink_name(base / "driver")
-        if old is not None and (drivers / old / address).is_symlink():
-            (drivers / old / address).unlink()
-        (drivers / driver).mkdir(exist_ok=True)
-        _symlink(drivers / driver / address, f"../../../../devices/pci0000:00/{address}")
         if driver == VFIO_DRIVER:
             self._drop_netdev(function)
             group = _readlink_name(base / "iommu_group")
@@ -233,17 +232,23 @@ class SysfsTree:
         _replace_symlink(base / "driver", f"../../../bus/pci/drivers/{driver}")
         if driver != VFIO_DRIVER and function.netdev is not None and not (self.sys / "class" / "net" / function.netdev).exists():
             self.add_netdev(address, function.netdev, sub=function.netdev_sub, up=function.netdev_up)
+        (drivers / driver).mkdir(exist_ok=True)
+        if not (drivers / driver / address).is_symlink():
+            _symlink(drivers / driver / address, f"../../../../devices/pci0000:00/{address}")
+        if old is not None and old != driver and (drivers / old / address).is_symlink():
+            (drivers / old / address).unlink()
 
     def unbind(self, address: str) -> None:
+        """The interface and the `driver` link go first, the `bus/pci/drivers` link last (see `bind`)."""
         base = self.device_dir(address)
         old = _readlink_name(base / "driver")
         if old is None:
             return
         self._drop_netdev(self._functions[address])
+        (base / "driver").unlink()
         link = self.sys / "bus" / "pci" / "drivers" / old / address
         if link.is_symlink():
             link.unlink()
-        (base / "driver").unlink()
 
     def set_numvfs(self, pf: str, count: int, *, driver: str | None = "iavf", vendor: int = 0x8086, device: int = 0x1889) -> list[str]:
         """Enables `count` VFs (after removing any), as writing `sriov_numvfs` does. VFs
