@@ -313,9 +313,12 @@ class Driver(ABC, Generic[OptionsT]):
 
         Each directory is watched for entries appearing, vanishing or being
         replaced (a `driver` symlink on rebind) and for files in it rewritten
-        (`sriov_numvfs`, `operstate`). List every directory a scan read that is
-        not under the real /sys (which sends uevents instead and where inotify
-        sees nothing): a fixture tree, a bind-mounted /dev. A change reaches
+        (`sriov_numvfs`, `operstate`). List the directories whose changes a scan
+        must hear of that are not under the real /sys (which sends uevents
+        instead and where inotify sees nothing): a fixture tree, a bind-mounted
+        /dev. Where the kernel records a change in two places, one will do: every
+        bind also links `bus/pci/drivers/<name>/<address>`, so a few driver
+        directories can stand for thousands of function directories. A change reaches
         `scan()` as the directory's name plus the changed entries' names (see
         the module docstring): watch the directory named after what changed,
         `devices/.../<pci>` for its `driver` link, not a parent of it.

@@ -201,6 +201,10 @@ class PciTree:
         """`bus/pci/drivers/<name>`, sorted: binding links `<name>/<address>` there."""
         return [self.drivers_dir / name for name in sorted(_listdir(self.drivers_dir))]
 
+    def bound_to(self, driver: str) -> list[str]:
+        """The functions `bus/pci/drivers/<driver>` links to; none if there is no such driver."""
+        return [name for name in _listdir(f"{self.drivers_dir}/{driver}") if is_pci_address(name)]
+
     def real_path(self, address: str) -> Path:
         """Where the device directory really is (`devices/pci0000:00/.../<address>`)."""
         link = f"{self.devices_dir}/{address}"
@@ -252,6 +256,10 @@ class PciTree:
         address = _pci_in_link(f"{self.class_net}/{name}")
         return address if address is not None else pci_parent(self.class_net / name / "device")
 
+    def infiniband_address(self, name: str) -> str | None:
+        """The PCI function of an RDMA device (`class/infiniband/mlx5_0 -> ../../devices/.../<pci>/infiniband/mlx5_0`)."""
+        return _pci_in_link(f"{self.sysfs_root}/class/infiniband/{name}", "/infiniband/")
+
     def netdevs_by_address(self, names: Iterable[str] | None = None) -> dict[str, list[str]]:
         """PCI address -> its network interfaces (sorted), from `class/net/<if>`.
 
@@ -275,13 +283,13 @@ def group_by_address(addresses: Mapping[str, str | None]) -> dict[str, list[str]
     return found
 
 
-def _pci_in_link(path: str) -> str | None:
-    """The last PCI address before `/net/` in a `class/net` link's target, if it has one."""
+def _pci_in_link(path: str, marker: str = "/net/") -> str | None:
+    """The last PCI address before `marker` in a `class/...` link's target, if it has one."""
     try:
         target = os.readlink(path)
     except OSError:
         return None
-    above, sep, _ = target.rpartition("/net/")
+    above, sep, _ = target.rpartition(marker)
     if not sep:
         return None
     for part in reversed(above.split("/")):

@@ -10,11 +10,13 @@ addresses and `PCIDEVICE_<PREFIX>_<NAME>_INFO` with what each one brings
 file per device.
 
 What it lacks, added:
-  * Every scan rereads the tree, and the hotplug engine scans on PCI add,
-    remove, bind and unbind and on net link events (inotify on a fixture tree):
-    VFs created or destroyed with `sriov_numvfs`, a VF rebound from its network
+  * The hotplug engine scans on PCI add, remove, bind and unbind, on net link
+    events and RDMA devices coming or going (inotify on a fixture tree): VFs
+    created or destroyed with `sriov_numvfs`, a VF rebound from its network
     driver to vfio-pci (so it leaves a `drivers: [iavf]` resource for a
     `drivers: [vfio-pci]` one), a PF unplugged: all seen at once, no restart.
+    Each scan reads only what its events name (`reading.py`), so one rebind
+    among 4,096 VFs costs a few milliseconds.
   * Link health: a VF is Unhealthy while its PF's link is up without carrier
     (or its operstate is notpresent/lowerlayerdown) and while its PF is gone;
     Healthy again when the link returns. A PF offered itself follows its own link.
@@ -55,7 +57,7 @@ from nodedev.drivers.pci import CLASS_NETWORK, CLASS_PROCESSING_ACCELERATOR, NOI
 from nodedev.drivers.sriov import simulate
 from nodedev.drivers.sriov.nfd import sriov_labels
 from nodedev.drivers.sriov.options import SriovOptions, SriovResource, SriovSelectors
-from nodedev.drivers.sriov.reading import NodeReader
+from nodedev.drivers.sriov.reading import NodeReader, Reading
 
 ENV_PREFIX = "PCIDEVICE_"
 VFIO_DRIVER = "vfio-pci"
@@ -188,6 +190,9 @@ class SriovDriver(Driver[SriovOptions]):
         self._made: dict[str, tuple[tuple[Any, ...], Found | None]] = {}
         """Address -> (what decided it, what it is offered as) from the last scan."""
         self._pf_healths: dict[str, tuple[Health, str]] = {}
+        self._excluded: Mapping[str, list[str]] = {}
+        self._driver_names: frozenset[str] = frozenset()
+        """`bus/pci/drivers/*` as the last scan watched them (fixture trees only)."""
         self._vhost = False
         self._snapshot: Snapshot = {}
         self._link_types = any(s.link_types for r in self._resources for s in r.selectors)
@@ -208,58 +213,87 @@ class SriovDriver(Driver[SriovOptions]):
         which functions differ. What a function is offered as is decided again
         for those, for the VFs of a PF that differs or whose link health changed
         (the links that are health, PFs' and those of functions offered whole,
-        are read every scan), and for everything on a full scan, when the
-        `vhost-net` nodes come or go, or when `linkTypes` selectors read every
-        interface's link. One rebind among 4,096 VFs costs a few milliseconds.
+        are read every scan), for functions that gained or lost the default
+        route, for functions that are not VFs (a handful), and for everything on
+        a full scan, when the `vhost-net` nodes come or go, or when `linkTypes`
+        selectors read every interface's link. So one rebind among 4,096 VFs
+        costs about what it costs among 16.
         """
         if self._fixture_sysfs is None:
             self._fixture_sysfs = netdev.filesystem_type(self.host.sysfs_root) != "sysfs"
             self._fixture_proc = netdev.filesystem_type(self.host.proc_root) != "proc"
-        reading = self._reader.read(changed)
-        devices, tree = reading.devices, self._reader.tree
-        view = _View(devices, reading.netdevs, {}, tree, reading.listed)
-        excluded = self._default_route_devices(view)
+        reading = self._reader.read(self._new_drivers_named(changed))
+        tree = self._reader.tree
+        view = _View(reading.devices, reading.netdevs, {}, tree, reading.listed)
+        excluded = self._default_route_devices(reading.netdev_of, tree)
         vhost = (self.host.dev_root / "vhost-net").exists() and (self.host.dev_root / "net" / "tun").exists()
-        dirty = reading.dirty
-        if dirty is not None and (self._link_types or vhost != self._vhost):
-            dirty = None
-        made, touched = self._decide(view, excluded, vhost, dirty)
-        touched |= self._made.keys() - made.keys()
-        if touched or dirty is None:
+        healths = {a: _health_under(a, view) for a, d in reading.wholes.items() if d.num_vfs > 0}
+        everything = reading.dirty is None or self._link_types or vhost != self._vhost
+        candidates = reading.devices.keys() if everything else self._candidates(reading, healths, excluded)
+        made, touched = self._decide(candidates, view, excluded, healths, vhost, everything)
+        if touched or everything:
             found: dict[str, list[Found]] = {r.full_name: [] for r in self._resources}
-            for _, item in made.values():
-                if item is not None:
+            for address in reading.devices:
+                if (item := made.get(address, (None, None))[1]) is not None:
                     found[item.resource].append(item)
             self._infos = {name: {f.device.id: f.info for f in items} for name, items in found.items()}
-            self._sync_device_info(made, touched if dirty is not None else None)
+            self._sync_device_info(made, None if everything else touched)
             self._snapshot = {name: [f.device for f in items] for name, items in found.items()}
-        self._made, self._vhost = made, vhost
-        self._watch = self._paths_to_watch(tree, devices, view)
-        self._labels = sriov_labels(devices.values())
+        self._made, self._pf_healths, self._excluded, self._vhost = made, healths, excluded, vhost
+        self._watch = self._paths_to_watch(tree, reading.wholes, view)
+        self._labels = sriov_labels(reading.wholes.values())
         return self._snapshot
 
+    def _new_drivers_named(self, changed: Collection[str] | None) -> Collection[str] | None:
+        """On a fixture tree a rebind is heard in `bus/pci/drivers/<name>/`; a function bound
+        to a driver whose directory is new (not watched yet) is named by nothing but that
+        directory, so the functions in it are named too."""
+        if changed is None or not self._fixture_sysfs:
+            return changed
+        tree = self._reader.tree
+        new = [n for n in changed if n not in self._driver_names and os.path.isdir(f"{tree.drivers_dir}/{n}")]
+        if not new:
+            return changed
+        return {*changed, *(a for n in new for a in tree.bound_to(n))}
+
+    def _candidates(self, reading: Reading, healths: Mapping[str, tuple[Health, str]], excluded: Mapping[str, list[str]]) -> set[str]:
+        """The functions whose answer may differ from the last scan's (see `scan`)."""
+        assert reading.dirty is not None
+        candidates = set(reading.dirty) | reading.wholes.keys() | (excluded.keys() ^ self._excluded.keys())
+        changed_pfs = reading.dirty | {pf for pf, health in healths.items() if self._pf_healths.get(pf) != health}
+        for pf in changed_pfs:
+            for devices in (reading.devices, reading.before):
+                if (device := devices.get(pf)) is not None:
+                    candidates.update(device.virtfns)
+        return candidates
+
     def _decide(
-        self, view: _View, excluded: Mapping[str, list[str]], vhost: bool, dirty: frozenset[str] | None
+        self,
+        candidates: Collection[str],
+        view: _View,
+        excluded: Mapping[str, list[str]],
+        healths: Mapping[str, tuple[Health, str]],
+        vhost: bool,
+        everything: bool,
     ) -> tuple[dict[str, tuple[tuple[Any, ...], Found | None]], set[str]]:
-        """What each function is offered as (None: nothing), with the inputs that decided it, and
-        the functions whose answer is new. A VF neither dirty itself nor under a dirty PF or a PF
-        whose health changed keeps its last answer without a look; any other function is decided
-        again, unless all it depends on is what it was (compared by identity first, so cheaply)."""
-        made: dict[str, tuple[tuple[Any, ...], Found | None]] = {}
+        """What each candidate is offered as (None: nothing) with the inputs that decided it,
+        over the last scan's answers for the rest; and the functions whose answer is new. A
+        candidate all of whose inputs are what they were (compared by identity first, so
+        cheaply) keeps its last answer."""
+        last = self._made
+        made = {} if everything else dict(last)
         touched: set[str] = set()
-        healths: dict[str, tuple[Health, str]] = {}
-        last, last_healths = self._made, self._pf_healths
-        for address, device in view.devices.items():
-            if address in excluded or (device.total_vfs is not None and device.num_vfs > 0):
+        for address in candidates:
+            made.pop(address, None)
+            device = view.devices.get(address)
+            if device is None or address in excluded or (device.total_vfs is not None and device.num_vfs > 0):
+                if address in last:
+                    touched.add(address)
                 continue
             pf = device.physfn
-            known = healths.get(pf) if pf is not None else None
-            health = known if known is not None else _health(device, view)
-            if pf is not None:
-                healths[pf] = health
-            if pf is not None and dirty is not None and address not in dirty and pf not in dirty and address in last and last_healths.get(pf) == health:
-                made[address] = last[address]
-                continue
+            health = healths.get(pf) if pf is not None else None
+            if health is None:
+                health = _health(device, view)
             root = pf or address
             links = tuple(view.link(n) for n in (view.names(address) or view.names(root))[:1]) if self._link_types else ()
             key = (device, view.devices.get(root), view.netdevs.get(root), view.netdevs.get(address), links, health, vhost)
@@ -269,7 +303,8 @@ class SriovDriver(Driver[SriovOptions]):
                 continue
             made[address] = (key, self._claim(device, view, health, vhost))
             touched.add(address)
-        self._pf_healths = healths
+        if everything:
+            touched |= last.keys() - made.keys()
         return made, touched
 
     def labels(self) -> Mapping[str, str]:
@@ -286,10 +321,13 @@ class SriovDriver(Driver[SriovOptions]):
                 return self._found(resource, selector, device, health, vhost)
         return None
 
-    def _default_route_devices(self, view: _View) -> dict[str, list[str]]:
+    def _default_route_devices(self, netdev_of: Mapping[str, str | None], tree: PciTree) -> dict[str, list[str]]:
         """Functions owning an interface with a default route (or below one), and which."""
-        routed = netdev.with_lower_devices(view.tree.class_net, netdev.default_route_interfaces(self.host.proc_root / "net"))
-        excluded = {address: sorted(set(names) & routed) for address, names in view.netdevs.items() if set(names) & routed}
+        routed = netdev.with_lower_devices(tree.class_net, netdev.default_route_interfaces(self.host.proc_root / "net"))
+        excluded: dict[str, list[str]] = {}
+        for name in sorted(routed):
+            if (address := netdev_of.get(name)) is not None:
+                excluded.setdefault(address, []).append(name)
         said = frozenset(excluded)
         if said != self._excluded_said:
             for address in sorted(said - self._excluded_said):
@@ -405,7 +443,7 @@ class SriovDriver(Driver[SriovOptions]):
     def watch_paths(self) -> Sequence[Path]:
         return self._watch
 
-    def _paths_to_watch(self, tree: PciTree, devices: dict[str, PciDevice], view: _View) -> tuple[Path, ...]:
+    def _paths_to_watch(self, tree: PciTree, wholes: dict[str, PciDevice], view: _View) -> tuple[Path, ...]:
         """For a fixture tree only (the real /sys sends uevents): the device list, the
         interface list, each driver's directory (binding adds `<driver>/<address>`, so
         the event names the function rebound), each PF's directory (`sriov_numvfs`,
@@ -414,10 +452,11 @@ class SriovDriver(Driver[SriovOptions]):
         cost more to place than all else a scan does."""
         paths: list[Path] = []
         if self._fixture_sysfs:
-            paths += [tree.devices_dir, tree.class_net, tree.drivers_dir, *tree.driver_dirs()]
-            wholes = [d for d in devices.values() if not d.is_vf]
-            self._real = {d.address: self._real.get(d.address) or tree.real_path(d.address) for d in wholes if d.is_pf}
-            for device in wholes:
+            driver_dirs = tree.driver_dirs()
+            self._driver_names = frozenset(d.name for d in driver_dirs)
+            paths += [tree.devices_dir, tree.class_net, tree.drivers_dir, *driver_dirs]
+            self._real = {a: self._real.get(a) or tree.real_path(a) for a, d in wholes.items() if d.is_pf}
+            for device in wholes.values():
                 if device.is_pf:
                     paths.append(self._real[device.address])
                 paths += [tree.netdev_path(name) for name in view.names(device.address)]
@@ -429,21 +468,26 @@ class SriovDriver(Driver[SriovOptions]):
 def _health(device: PciDevice, view: _View) -> tuple[Health, str]:
     """Unhealthy while the PF is gone or its link cannot pass traffic, or the device's own
     link cannot; the reason names the PF or interface, not the device (it is the ID)."""
-    checks: list[tuple[str, str]] = []
-    if device.physfn is not None:
-        if device.physfn not in view.listed:
-            return Health.UNHEALTHY, f"its PF {device.physfn} is gone"
-        checks += [("PF", name) for name in view.names(device.physfn)]
-    else:  # a VF's own link follows its PF's and is down until a pod takes it
-        checks += [("its interface", "") for _ in view.names(device.address)[:1]]
-    own = view.names(device.address)[:1]
+    if device.physfn is not None:  # a VF's own link follows its PF's and is down until a pod takes it
+        return _health_under(device.physfn, view)
+    return _links_health([("its interface", name) for name in view.names(device.address)[:1]], view)
+
+
+def _health_under(pf: str, view: _View) -> tuple[Health, str]:
+    """The health all VFs of `pf` share."""
+    if pf not in view.listed:
+        return Health.UNHEALTHY, f"its PF {pf} is gone"
+    return _links_health([(f"PF {name}", name) for name in view.names(pf)], view)
+
+
+def _links_health(checks: list[tuple[str, str]], view: _View) -> tuple[Health, str]:
+    """(label, interface) pairs: the first link that cannot pass traffic, else what each said."""
     said: list[str] = []
-    for what, name in checks:
-        link = view.link(name or own[0])
+    for label, name in checks:
+        link = view.link(name)
         if link is None:
             continue
         state, reason = netdev.health(link)
-        label = f"{what} {name}".strip()
         if state is Health.UNHEALTHY:
             return state, f"{label}: {reason}"
         said.append(f"{label}: {reason}")
@@ -465,3 +509,4 @@ def _write_read_only(path: str, content: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
+
