@@ -18,6 +18,7 @@ through the inventory.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -205,6 +206,10 @@ class Daemon:
             return f"none of the {len(initial)} resource(s) can be served in {self.registrar.socket_dir}"
         self.phase = "running"  # before the line that says so: probes and logs agree
         log.info("serving %d resource(s) in %s", sum(s.serving for s in self.servers.values()), self.registrar.socket_dir)
+        # What start built (modules, config, the first device lists) lives as long as the
+        # process. Frozen, the collector's full passes stop walking it: with 4,096 devices
+        # such a pass took 20-30 ms, at whatever moment a scan's allocations set it off.
+        gc.freeze()
         return None
 
     async def _shutdown(self) -> None:

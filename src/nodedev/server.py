@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -72,8 +73,9 @@ _View = list[tuple[str, str, tuple[int, ...]]]
 
 
 def _kubelet_view(devices: Mapping[str, Device]) -> _View:
-    """What the kubelet sees of a list; reasons and edits are ours alone and never cause an update."""
-    return sorted((d.id, d.health.value, d.numa_nodes) for d in devices.values())
+    """What the kubelet sees of a list; reasons and edits are ours alone and never cause an update.
+    (`Health` is a str: its members go in as they are, which spares 4,096 enum lookups.)"""
+    return sorted([(d.id, d.health, d.numa_nodes) for d in devices.values()])
 
 
 class ResourceServer(pb_grpc.DevicePluginServicer):
@@ -190,8 +192,10 @@ class ResourceServer(pb_grpc.DevicePluginServicer):
         self.devices = devices
         if not changed and self.version > 0:
             return
-        for health in Health:
-            metrics.DEVICES.labels(self.resource, health.value).set(sum(d.health is health for d in devices.values()))
+        if metrics.REGISTRY is not None:
+            counts = Counter(d.health for d in devices.values())
+            for health in Health:
+                metrics.DEVICES.labels(self.resource, health.value).set(counts[health])
         view = _kubelet_view(devices)
         if view == self._view and self.version > 0:
             return
