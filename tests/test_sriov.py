@@ -14,7 +14,8 @@ import pytest
 
 from nodedev.driver import ContainerEdits, Device, DeviceNode, Driver, Health
 from nodedev.drivers.sriov import simulate
-from nodedev.drivers.sriov.driver import SriovDriver, device_info_name, env_name
+from nodedev.drivers.sriov.devinfo import file_name as device_info_name
+from nodedev.drivers.sriov.driver import SriovDriver, env_name
 from nodedev.drivers.sysfs_tree import SysfsTree
 from tests.test_contract import build
 

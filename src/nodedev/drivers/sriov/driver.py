@@ -23,16 +23,12 @@ What it lacks, added:
   * A device's interfaces are found from `class/net/<if>/device` up to the PCI
     function, so a virtio NIC's `<pci>/virtio2/net/eth0` counts.
 
-The device-info files are written when a scan finds a device (atomically,
-mode 0444, only when their content changes) and removed when a scan no longer
-finds it, so Allocate does no I/O. They are left in place when the daemon
-stops: a pod being set up across a restart still finds its file, and the next
-start removes those of devices that have gone.
+The device-info files are kept by `devinfo`, from what each scan offers, so
+Allocate does no I/O.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -54,14 +50,13 @@ from nodedev.driver import (
 )
 from nodedev.drivers import netdev
 from nodedev.drivers.pci import CLASS_NETWORK, CLASS_PROCESSING_ACCELERATOR, NOIOMMU_GROUP_NAME, PciDevice, PciTree
-from nodedev.drivers.sriov import simulate
+from nodedev.drivers.sriov import devinfo, simulate
 from nodedev.drivers.sriov.nfd import sriov_labels
 from nodedev.drivers.sriov.options import SriovOptions, SriovResource, SriovSelectors
 from nodedev.drivers.sriov.reading import NodeReader, Reading
 
 ENV_PREFIX = "PCIDEVICE_"
 VFIO_DRIVER = "vfio-pci"
-DEVICE_INFO_VERSION = "1.1.0"
 PCI_ACTIONS = frozenset({"add", "remove", "bind", "unbind"})
 NET_ACTIONS = frozenset({"add", "remove", "move", "link"})
 CLASS_GLOBS = {CLASS_NETWORK: "2????", CLASS_PROCESSING_ACCELERATOR: "12????"}
@@ -72,18 +67,6 @@ DEVICE_CLASS = {"netDevice": CLASS_NETWORK, "accelerator": CLASS_PROCESSING_ACCE
 def env_name(resource: str) -> str:
     """`intel.com/sriov_net` -> `PCIDEVICE_INTEL_COM_SRIOV_NET`, as the plugin names it."""
     return ENV_PREFIX + re.sub(r"[./-]", "_", resource.upper())
-
-
-def device_info_name(resource: str, address: str) -> str:
-    """The CNI device-info file name: `<resource with / as ->-<address>-device.json`."""
-    return f"{resource.replace('/', '-')}-{address}-device.json"
-
-
-def device_info(address: str, rdma_device: str) -> str:
-    """The CNI device-info file's content (keys sorted, as `json.dumps(sort_keys=True)` has them;
-    built by hand because a 4,096-VF node writes 4,096 at start)."""
-    pci = f'{{"pci-address": {json.dumps(address)}, "rdma-device": {json.dumps(rdma_device)}}}'
-    return f'{{"pci": {pci}, "type": "pci", "version": "{DEVICE_INFO_VERSION}"}}'
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,14 +159,10 @@ class SriovDriver(Driver[SriovOptions]):
         self._resources = options.resources
         self._env = {r.full_name: env_name(r.full_name) for r in self._resources}
         self._classes = frozenset(DEVICE_CLASS[r.device_type] for r in self._resources)
-        self._info_dir = Path(options.device_info_dir)
+        self._files = devinfo.DeviceInfoFiles(Path(options.device_info_dir), [r.full_name for r in self._resources], host.log)
         self._infos: dict[str, dict[str, dict[str, Any]]] = {}
         """Resource -> address -> `_INFO` entry; replaced whole by each scan, read by allocate()."""
-        self._written: dict[str, str] = {}
-        """Device-info file name -> the content this process last wrote there."""
         self._real: dict[str, Path] = {}
-        self._cleaned = False
-        self._info_failed = False
         self._excluded_said: frozenset[str] = frozenset()
         self._watch: tuple[Path, ...] = ()
         self._reader = NodeReader(PciTree(host.sysfs_root), self._classes)
@@ -362,24 +341,24 @@ class SriovDriver(Driver[SriovOptions]):
             info["extra"] = extra
         numa = () if resource.exclude_topology or device.numa_node is None else (device.numa_node,)
         edits = ContainerEdits(devices=tuple(nodes), envs={self._env[resource.full_name]: address})
-        content = device_info(address, device.rdma_devices[0] if device.rdma_devices else "")
+        content = devinfo.content(address, device.rdma_devices[0] if device.rdma_devices else "")
         return Found(
             resource=resource.full_name,
             device=Device(id=address, health=health[0], reason=health[1], numa_nodes=numa, edits=edits),
             info=info,
-            info_file=device_info_name(resource.full_name, address),
+            info_file=devinfo.file_name(resource.full_name, address),
             info_content=content,
         )
 
     # -- device-info files --------------------------------------------------------------
 
     def _sync_device_info(self, made: Mapping[str, tuple[Any, Found | None]], touched: set[str] | None) -> None:
-        """Writes the files of the devices whose answer is new and removes those of devices gone
-        or moved to another resource; every file is checked when `touched` is None or the last
-        sync failed. Runs before `self._made` takes `made`, so the old answers are still there."""
-        if touched is None or self._info_failed:
+        """The files of the devices whose answer is new are written, those of devices gone or
+        moved to another resource removed; every file is checked when `touched` is None or the
+        last sync failed. Runs before `self._made` takes `made`, so the old answers are there."""
+        if touched is None or self._files.failed:
             wanted = {f.info_file: f.info_content for _, f in made.values() if f is not None}
-            stale = self._written.keys() - wanted.keys()
+            stale = self._files.written.keys() - wanted.keys()
         else:
             wanted, stale = {}, set()
             for address in touched:
@@ -388,31 +367,7 @@ class SriovDriver(Driver[SriovOptions]):
                     wanted[new.info_file] = new.info_content
                 if old is not None and (new is None or new.info_file != old.info_file):
                     stale.add(old.info_file)
-        if not wanted and not self._written and not self._info_dir.is_dir():
-            return  # nothing offered: do not create the directory on a node without SR-IOV
-        try:
-            self._info_dir.mkdir(parents=True, exist_ok=True)
-            if not self._cleaned:
-                self._remove_stale(set(wanted))
-                self._cleaned = True
-            for path, content in wanted.items():
-                if self._written.get(path) != content:
-                    _write_read_only(f"{self._info_dir}/{path}", content)
-                    self._written[path] = content
-            for path in stale:
-                (self._info_dir / path).unlink(missing_ok=True)
-                self._written.pop(path, None)
-            self._info_failed = False
-        except OSError as err:
-            self.host.log.warning("device-info files in %s: %s", self._info_dir, err)
-            self._info_failed = True
-
-    def _remove_stale(self, wanted: set[str]) -> None:
-        """Files of our resources left by an earlier run for devices that are gone."""
-        prefixes = tuple(f"{r.full_name.replace('/', '-')}-" for r in self._resources)
-        for name in os.listdir(self._info_dir):
-            if name.startswith(prefixes) and name.endswith("-device.json") and name not in wanted:
-                (self._info_dir / name).unlink(missing_ok=True)
+        self._files.sync(wanted, stale)
 
     # -- allocation ---------------------------------------------------------------------
 
@@ -492,21 +447,3 @@ def _links_health(checks: list[tuple[str, str]], view: _View) -> tuple[Health, s
             return state, f"{label}: {reason}"
         said.append(f"{label}: {reason}")
     return Health.HEALTHY, "; ".join(said) or "no interface to check"
-
-
-def _write_read_only(path: str, content: str) -> None:
-    """Writes `path` whole or not at all (a reader never sees half a file), mode 0444."""
-    head, _, name = path.rpartition("/")
-    temporary = f"{head}/.{name}.{os.getpid()}.tmp"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o444)
-    try:
-        try:
-            os.write(fd, content.encode())
-        finally:
-            os.close(fd)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-
