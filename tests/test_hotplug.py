@@ -302,7 +302,7 @@ async def test_matches_arriving_together_are_told_once_per_driver_with_every_nam
 
 @aio
 async def test_everything_absorbs_the_names_of_its_window(recorder: Callable[..., Recorder]) -> None:
-    """A path event names no device: the window it falls in tells the driver to read everything."""
+    """Something that names nothing (an inotify overflow): the window it falls in tells the driver to read everything."""
     r = recorder(settle_s=0.05)
     r.engine.subscribe("netdev", [UdevMatch("net")], [])
     r.engine.start(asyncio.get_running_loop())
