@@ -190,6 +190,11 @@ class KubeletDouble:
                     return at
         return None
 
+    def timed_updates(self, resource: str) -> list[tuple[float, DeviceView]]:
+        """Every list received for `resource`, with when it came off the wire (see `arrivals`)."""
+        with self._cond:
+            return list(zip(self.arrivals.get(resource, []), self.history.get(resource, []), strict=True))
+
     def updates(self, resource: str) -> list[DeviceView]:
         """Every list received for `resource`, across endpoints, in order."""
         with self._cond:
