@@ -198,3 +198,25 @@ def test_the_real_dev_holds_devices_whatever_its_file_system() -> None:
     no_mounts: dict[int, str] = {}
     assert paths.holds_devices("/dev", no_mounts) and paths.holds_devices("/dev/vfio", no_mounts)
     assert not paths.holds_devices("/devices", no_mounts) and not paths.holds_devices("/tmp/fixture/dev", no_mounts)
+
+
+@aio
+async def test_a_directory_watched_after_the_first_scan_is_reported_once_with_its_entries(tmp_path: Path, recorder: Callable[..., Recorder]) -> None:
+    """A scan lists a directory before the host can watch it: what changed in between (a
+    function bound while a new `drivers/<name>/` was being listed) is told to the driver
+    once the watch is in place, as if every entry had changed. Not at the first
+    subscription, which follows a scan that read everything."""
+    first, later = tmp_path / "first", tmp_path / "later"
+    first.mkdir()
+    later.mkdir()
+    (first / "a").touch()
+    (later / "0000:3b:02.0").touch()
+    r = recorder(settle_s=0)
+    r.engine.start(asyncio.get_running_loop())
+    r.engine.subscribe("sriov", [], [first])
+    assert r.matches == []
+    r.engine.subscribe("sriov", [], [first, later])
+    assert r.names("sriov") == [frozenset({"later", "0000:3b:02.0"})]
+    r.reset()
+    r.engine.subscribe("sriov", [], [first, later])
+    assert r.matches == [], "nothing new is watched"

@@ -62,6 +62,13 @@ def fits(match: UdevMatch, event: Uevent, names: Sequence[str]) -> bool:
     return True
 
 
+def _entries(path: Path) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:  # not there yet (watched on an ancestor), or not a directory
+        return []
+
+
 def under_sysfs(path: Path) -> bool:
     return within(os.path.realpath(path), SYSFS)
 
@@ -159,9 +166,15 @@ class HotplugEngine:
 
     def _set_paths(self, driver: str, paths: Sequence[Path]) -> None:
         """Watches what is new and lets go of what is gone. A directory under the real /sys
-        is never watched; one of device nodes (/dev) is watched for entries and modes only."""
+        is never watched; one of device nodes (/dev) is watched for entries and modes only.
+
+        A directory is watched only once the scan that listed it has returned, so what
+        changed in it in between (a function bound while `drivers/<new driver>/` was
+        being listed) would go unheard: after a driver's first subscription, each
+        directory newly watched is reported once, naming itself and every entry in it."""
         new = frozenset(map(absolute, paths))
         old = self._watched.get(driver, frozenset())
+        first = driver not in self._watched
         if new:
             self._watched[driver] = new
         else:
@@ -176,9 +189,11 @@ class HotplugEngine:
                 self._path_handles.pop(path).cancel()
         types: dict[int, str] | None = None
         resolve = _Resolver()
+        watched: list[Path] = []
         for path in new - old:
             if path in self._path_drivers:
                 self._path_drivers[path].add(driver)
+                watched.append(path)
                 continue
             if path in self._in_sysfs:
                 continue
@@ -188,14 +203,19 @@ class HotplugEngine:
                 continue
             types = mount_types() if types is None else types
             self._path_drivers[path] = {driver}
-            self._watch(path, Changes.ENTRIES | Changes.ATTRIBUTES if holds_devices(real, types) else Changes.ALL)
+            if self._watch(path, Changes.ENTRIES | Changes.ATTRIBUTES if holds_devices(real, types) else Changes.ALL):
+                watched.append(path)
+        if watched and not first:
+            self.notify(driver, {name for path in watched for name in (path.name, *_entries(path))})
 
-    def _watch(self, path: Path, changes: Changes) -> None:
+    def _watch(self, path: Path, changes: Changes) -> bool:
         try:
             self._path_handles[path] = self.paths.watch(path, functools.partial(self._on_path_change, path), changes)
         except OSError as err:
             self.log.error("inotify unavailable (%s); changes under %s are seen only at resync", err, path)
             del self._path_drivers[path]
+            return False
+        return True
 
     def _on_path_change(self, path: Path, names: set[str]) -> None:
         """A watched directory's change names what a uevent would: the directory
