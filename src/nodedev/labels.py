@@ -24,11 +24,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from nodedev.files import write_atomically
 
 if TYPE_CHECKING:
     from nodedev.inventory import Inventory
@@ -84,30 +85,6 @@ def render(labels: Mapping[str, str]) -> str:
     if not labels:
         return ""
     return HEADER + "".join(f"{key}={labels[key]}\n" for key in sorted(labels))
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Replaces `path` with `text` in one rename: a reader sees the old file or the new one, whole."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # hidden: NFD skips it
-    try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
-        try:
-            os.fchmod(fd, 0o644)  # whatever the umask: NFD's worker may run as another user
-            os.write(fd, text.encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-    with contextlib.suppress(OSError):  # the rename itself survives a crash
-        dirfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)
 
 
 class LabelWriter:

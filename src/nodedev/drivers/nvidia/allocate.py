@@ -14,8 +14,6 @@ kubelet asking for `k8s.device-plugin.nvidia.com/gpu=<id>` finds it already on d
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import uuid as uuidlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +24,7 @@ from nodedev.driver import NO_EDITS, AllocationError, ContainerEdits, Device, De
 from nodedev.drivers.nvidia.discovery import GPU
 from nodedev.drivers.nvidia.options import CDI_STRATEGIES, GPU_RESOURCE, NvidiaOptions
 from nodedev.drivers.nvidia.resources import Unit
+from nodedev.files import write_atomically
 
 VISIBLE_DEVICES = "NVIDIA_VISIBLE_DEVICES"
 VOLUME_MOUNT_ROOT = "/var/run/nvidia-container-devices"
@@ -213,22 +212,8 @@ def cdi_spec(
 
 
 def write_cdi_spec(root: Path, spec: dict[str, Any]) -> Path:
-    """tmp file + rename in the same directory, so a runtime never reads half a spec."""
+    """Written whole or not at all, so a runtime never reads half a spec."""
     root.mkdir(parents=True, exist_ok=True)
     target = root / CDI_SPEC_FILE
-    fd, tmp = tempfile.mkstemp(prefix=f".{CDI_SPEC_FILE}.", dir=root)
-    try:
-        with os.fdopen(fd, "w") as out:
-            json.dump(spec, out, indent=2)
-            out.write("\n")
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_atomically(target, json.dumps(spec, indent=2) + "\n")
     return target

@@ -10,12 +10,13 @@ finds its file, and the next start removes those of devices that have gone.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 from collections.abc import Collection, Mapping
 from pathlib import Path
+
+from nodedev.files import write_atomically
 
 VERSION = "1.1.0"
 
@@ -62,7 +63,7 @@ class DeviceInfoFiles:
                 self._cleaned = True
             for name, text in wanted.items():
                 if self._written.get(name) != text:
-                    _write_read_only(f"{self.directory}/{name}", text)
+                    write_atomically(self.directory / name, text, mode=0o444, durable=False)
                     self._written[name] = text
             for name in stale:
                 (self.directory / name).unlink(missing_ok=True)
@@ -76,20 +77,3 @@ class DeviceInfoFiles:
         for name in os.listdir(self.directory):
             if name.startswith(self._prefixes) and name.endswith("-device.json") and name not in wanted:
                 (self.directory / name).unlink(missing_ok=True)
-
-
-def _write_read_only(path: str, text: str) -> None:
-    """Writes `path` whole or not at all (a reader never sees half a file), mode 0444."""
-    head, _, name = path.rpartition("/")
-    temporary = f"{head}/.{name}.{os.getpid()}.tmp"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o444)
-    try:
-        try:
-            os.write(fd, text.encode())
-        finally:
-            os.close(fd)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
