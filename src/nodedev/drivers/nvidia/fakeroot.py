@@ -10,20 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-DRIVER_LIBRARIES = (
-    "libcuda",
-    "libcudadebugger",
-    "libnvidia-ml",
-    "libnvidia-ptxjitcompiler",
-    "libnvidia-nvvm",
-    "libnvidia-opencl",
-    "libnvidia-allocator",
-    "libnvidia-cfg",
-    "libnvidia-gpucomp",
-)
+from nodedev.drivers.nvidia import driverroot
+
+ABSENT = frozenset({"libnvidia-pkcs11", "libnvidia-pkcs11-openssl3", "libnvidia-nscq"})
+"""Libraries a node without FIPS or NVSwitch lacks: left out, so the CDI spec must skip what is missing."""
+LIBRARIES = tuple(name for name in driverroot.LIBRARIES if name not in ABSENT)
 """What the simulated driver root holds, as `<name>.so.<driver version>` plus the `.so.1` link."""
-DRIVER_BINARIES = ("nvidia-smi", "nvidia-debugdump", "nvidia-persistenced", "nvidia-cuda-mps-control", "nvidia-cuda-mps-server")
-LIBRARY_DIR = "usr/lib/x86_64-linux-gnu"
+LIBRARY_DIR = driverroot.LIBRARY_DIRS[0]
 CTK_RELPATH = "usr/bin/nvidia-ctk"
 CALLS_FILE = "calls.log"
 """Each stand-in binary appends `<name> <args...>` here (in the simulation's workdir)."""
@@ -73,11 +66,11 @@ done
 def build_driver_root(root: Path, version: str) -> None:
     """Libraries, binaries and firmware where a driver installs them, named by `version`."""
     libs = root / LIBRARY_DIR
-    for name in DRIVER_LIBRARIES:
+    for name in LIBRARIES:
         _write(libs / f"{name}.so.{version}", f"simulated {name} {version}\n")
         _symlink(libs / f"{name}.so.1", Path(f"{name}.so.{version}"))
     calls = root / CALLS_FILE
-    for name in DRIVER_BINARIES:
+    for name in driverroot.BINARIES:
         _stand_in(root / "usr" / "bin" / name, name, calls)
     _write(root / "usr" / "bin" / "nvidia-cuda-mps-control", MPS_CONTROL_SCRIPT.format(calls=calls))
     _stand_in(root / CTK_RELPATH, "nvidia-ctk", calls)
