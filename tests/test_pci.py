@@ -85,7 +85,7 @@ def _real_network_functions() -> list[str]:
     if not (REAL_SYS / "bus/pci/devices").is_dir():
         return []
     tree = pci.PciTree(REAL_SYS)
-    return [a for a in tree.addresses() if (tree.pci_class(a) or 0) >> 16 == pci.CLASS_NETWORK]
+    return [a for a in tree.addresses() if (d := tree.read_device(a)) is not None and d.base_class == pci.CLASS_NETWORK]
 
 
 @pytest.mark.skipif(not _real_network_functions(), reason="this machine has no PCI network function in /sys")

@@ -108,7 +108,7 @@ def real_network_function() -> str | None:
     from nodedev.drivers import pci
 
     tree = pci.PciTree(Path("/sys"))
-    return next((a for a in tree.addresses() if (tree.pci_class(a) or 0) >> 16 == pci.CLASS_NETWORK), None)
+    return next((a for a in tree.addresses() if (d := tree.read_device(a)) is not None and d.base_class == pci.CLASS_NETWORK), None)
 
 
 def test_a_real_pci_uevent_of_a_network_function_rescans_the_driver(tmp_path: Path, kubelet: KubeletDouble, nodedev: Callable[..., NodedevProcess]) -> None:

@@ -191,11 +191,7 @@ class PciTree:
 
     def addresses(self) -> list[str]:
         """Every PCI function present, sorted."""
-        return sorted(name for name in self.listing() if is_pci_address(name))
-
-    def listing(self) -> list[str]:
-        """`bus/pci/devices` as listed, unchecked and in no order."""
-        return _listdir(self.devices_dir)
+        return sorted(name for name in _listdir(self.devices_dir) if is_pci_address(name))
 
     def driver_dirs(self) -> list[Path]:
         """`bus/pci/drivers/<name>`, sorted: binding links `<name>/<address>` there."""
@@ -222,10 +218,6 @@ class PciTree:
             return Path(os.path.realpath(self.class_net / name))
         return Path(os.path.normpath(os.path.join(self.class_net, target)))
 
-    def pci_class(self, address: str) -> int | None:
-        """Only the class code: cheap enough to filter thousands of functions before reading them."""
-        return read_int(f"{self.devices_dir}/{address}/class")
-
     def read_device(self, address: str) -> PciDevice | None:
         """Everything the drivers use about one function; None if it is not (or no longer) there.
 
@@ -243,9 +235,6 @@ class PciTree:
             return _read_device(address, fd)
         finally:
             os.close(fd)
-
-    def pf_present(self, address: str) -> bool:
-        return os.path.isdir(self.path(address))
 
     def netdev_names(self) -> list[str]:
         """Every interface in `class/net`, in no particular order."""
