@@ -120,9 +120,8 @@ def main() -> None:
                     what=f"{vf} under {there}",
                 )
                 seen.append((time.perf_counter() - t0) * 1000)
-                came = kubelet.arrived(there, lambda view, vf=vf: vf in view, t0)
-                left = kubelet.arrived(gone, lambda view, vf=vf: vf not in view, t0)
-                assert came is not None and left is not None
+                came = next(at for at, view in kubelet.timed_updates(there) if at >= t0 and vf in view)
+                left = next(at for at, view in kubelet.timed_updates(gone) if at >= t0 and vf not in view)
                 took.append((max(came, left) - t0) * 1000)
         burst = vfs[1 :: total // args.burst][: args.burst]
         t0 = time.perf_counter()

@@ -182,14 +182,6 @@ class KubeletDouble:
                 return None
             return endpoint.lists[-1]
 
-    def arrived(self, resource: str, predicate: Callable[[DeviceView], bool], since: float) -> float | None:
-        """When the first list of `resource` that came after `since` and satisfies `predicate` arrived."""
-        with self._cond:
-            for view, at in zip(self.history.get(resource, []), self.arrivals.get(resource, []), strict=True):
-                if at >= since and predicate(view):
-                    return at
-        return None
-
     def timed_updates(self, resource: str) -> list[tuple[float, DeviceView]]:
         """Every list received for `resource`, with when it came off the wire (see `arrivals`)."""
         with self._cond:
