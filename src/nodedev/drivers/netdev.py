@@ -65,6 +65,7 @@ from nodedev.driver import (
     UdevMatch,
 )
 from nodedev.drivers.pci import parse_int, read_text
+from nodedev.drivers.peerconfig import nonblank
 
 DEFAULT_PREFIX = "nodedev.io"
 ENV_PREFIX = "NETDEV_"
@@ -123,9 +124,7 @@ class NetdevSelectors(ConfigSection):
     @field_validator("if_names", "drivers")
     @classmethod
     def _not_blank(cls, values: list[str]) -> list[str]:
-        if any(not v.strip() for v in values):
-            raise ValueError("entries must not be empty")
-        return values
+        return nonblank(values)
 
     @field_validator("link_types")
     @classmethod

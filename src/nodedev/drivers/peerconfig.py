@@ -1,4 +1,5 @@
-"""The peer plugins' own JSON config files (SR-IOV's, RDMA's), read into our models.
+"""The peer plugins' own JSON config files (SR-IOV's, RDMA's), read into our models,
+and the checks the keys they share get (resource names, PCI IDs, lists of names).
 
 A user switching to nodedev points `configFile` at the file they already have;
 every problem in it is one ValueError line naming the file and the key.
@@ -7,6 +8,7 @@ every problem in it is one ValueError line naming the file and the key.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -14,6 +16,31 @@ from typing import Protocol, TypeVar
 from pydantic import BaseModel, ValidationError
 
 M = TypeVar("M", bound=BaseModel)
+
+_SHORT_NAME = re.compile(r"^[a-zA-Z0-9_-]+$")
+_PCI_ID = re.compile(r"^[0-9a-fA-F]{4}$")
+
+
+def short_name(value: str) -> str:
+    """A `resourceName` before its prefix, as the peers allow it."""
+    if not _SHORT_NAME.match(value):
+        raise ValueError(f"{value!r} may contain only letters, digits, '_' and '-'")
+    return value
+
+
+def pci_ids(values: list[str], example: str) -> list[str]:
+    """Vendor or device IDs, 4 hex digits each, lower-cased as sysfs spells them."""
+    for value in values:
+        if not _PCI_ID.match(value):
+            raise ValueError(f"{value!r} is not a 4-digit hex PCI ID such as {example!r}")
+    return [v.lower() for v in values]
+
+
+def nonblank(values: list[str]) -> list[str]:
+    """Names of drivers, interfaces, ...: an empty one would match nothing, or everything."""
+    if any(not v.strip() for v in values):
+        raise ValueError("entries must not be empty")
+    return values
 
 
 class Named(Protocol):

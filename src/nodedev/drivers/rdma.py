@@ -32,7 +32,6 @@ next event or periodic resync on a real node.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,13 +42,11 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 from nodedev.driver import ConfigSection, ContainerEdits, Device, DeviceNode, Driver, DriverOptions, Health, HostContext, Snapshot, UdevMatch
 from nodedev.drivers import netdev
 from nodedev.drivers.pci import PciDevice, PciTree, pci_parent, read_text
-from nodedev.drivers.peerconfig import read_json, unique_names
+from nodedev.drivers.peerconfig import nonblank, pci_ids, read_json, short_name, unique_names
 from nodedev.drivers.sysfs_tree import ARPHRD_INFINIBAND, SysfsTree
 
 DEFAULT_PREFIX = "rdma"
 PERMISSIONS = "rwm"
-_RESOURCE_NAME = re.compile(r"^[a-zA-Z0-9_-]+$")
-_HEX_ID = re.compile(r"^[0-9a-fA-F]{4}$")
 _LINK_TYPES = frozenset(netdev.LINK_TYPES.values())
 MAX_SHARED_IDS = 100_000
 RDMA_CAPABLE = "feature.node.kubernetes.io/rdma.capable"
@@ -66,17 +63,12 @@ class RdmaSelectors(ConfigSection):
     @field_validator("vendors", "device_ids")
     @classmethod
     def _hex(cls, values: list[str]) -> list[str]:
-        for value in values:
-            if not _HEX_ID.match(value):
-                raise ValueError(f"{value!r} is not a 4-digit hex PCI ID such as '15b3'")
-        return [v.lower() for v in values]
+        return pci_ids(values, "15b3")
 
     @field_validator("drivers", "if_names")
     @classmethod
     def _not_blank(cls, values: list[str]) -> list[str]:
-        if any(not v.strip() for v in values):
-            raise ValueError("entries must not be empty")
-        return values
+        return nonblank(values)
 
     @field_validator("link_types")
     @classmethod
@@ -99,9 +91,7 @@ class RdmaResource(ConfigSection):
     @field_validator("resource_name")
     @classmethod
     def _valid_name(cls, value: str) -> str:
-        if not _RESOURCE_NAME.match(value):
-            raise ValueError(f"{value!r} may contain only letters, digits, '_' and '-'")
-        return value
+        return short_name(value)
 
     @field_validator("rdma_hca_max")
     @classmethod

@@ -24,14 +24,12 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 from nodedev.driver import ConfigSection, DriverOptions
 from nodedev.drivers.netdev import LINK_TYPES
 from nodedev.drivers.pci import is_pci_address
-from nodedev.drivers.peerconfig import read_json, unique_names
+from nodedev.drivers.peerconfig import nonblank, pci_ids, read_json, short_name, unique_names
 
 DEFAULT_PREFIX = "intel.com"
 DEFAULT_DEVICE_INFO_DIR = "/var/run/k8s.cni.cncf.io/devinfo/dp"
 MAX_VF_INDEX = 65534
 """TotalVFs is a 16-bit register: VF indexes run from 0 to 65534 at most."""
-_RESOURCE_NAME = re.compile(r"^[a-zA-Z0-9_-]+$")
-_HEX_ID = re.compile(r"^[0-9a-fA-F]{4}$")
 _RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
 _LINK_TYPE_NAMES = frozenset(LINK_TYPES.values())
 ACCELERATOR_KEYS = frozenset({"vendors", "devices", "drivers", "pci_addresses", "acpi_indexes"})
@@ -87,17 +85,12 @@ class SriovSelectors(ConfigSection):
     @field_validator("vendors", "devices")
     @classmethod
     def _hex_ids(cls, values: list[str]) -> list[str]:
-        for value in values:
-            if not _HEX_ID.match(value):
-                raise ValueError(f"{value!r} is not a 4-digit hex PCI ID such as '8086'")
-        return [v.lower() for v in values]
+        return pci_ids(values, "8086")
 
     @field_validator("drivers", "acpi_indexes")
     @classmethod
     def _not_blank(cls, values: list[str]) -> list[str]:
-        if any(not v.strip() for v in values):
-            raise ValueError("entries must not be empty")
-        return values
+        return nonblank(values)
 
     @field_validator("pci_addresses")
     @classmethod
@@ -159,9 +152,7 @@ class SriovResource(ConfigSection):
     @field_validator("resource_name")
     @classmethod
     def _valid_name(cls, value: str) -> str:
-        if not _RESOURCE_NAME.match(value):
-            raise ValueError(f"{value!r} may contain only letters, digits, '_' and '-'")
-        return value
+        return short_name(value)
 
     @field_validator("device_type")
     @classmethod
