@@ -34,7 +34,7 @@ import stat
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -452,3 +452,29 @@ class _PluginWatcher:
             return
         self._seen[name] = (st.st_ino, st.st_ctime_ns)
         self._pool.submit(self.kubelet._register_plugin, path, self.incarnation, self.life)
+
+
+class Lists:
+    """Waits for the double's latest lists to read as expected after a change, timing each change."""
+
+    def __init__(self, kubelet: KubeletDouble, timeout: float) -> None:
+        self.kubelet = kubelet
+        self.timeout = timeout
+        self.took: dict[str, float] = {}
+
+    def view(self, resource: str) -> dict[str, str] | None:
+        """ID -> health of the latest list, or None while the resource is not streaming."""
+        devices = self.kubelet.devices(resource)
+        return None if devices is None else {i: h for i, (h, _numa) in devices.items()}
+
+    def after(self, what: str, change: Callable[[], object], expected: Mapping[str, dict[str, str] | Callable[[], dict[str, str]]]) -> None:
+        """Makes `change`, then waits for each resource's list; an expected list may be a
+        function, for a list that names what `change` made."""
+        started = time.perf_counter()
+        change()
+        wanted = {r: e() if callable(e) else e for r, e in expected.items()}
+        try:
+            self.kubelet.wait(lambda: all(self.view(r) == e for r, e in wanted.items()), timeout=self.timeout, what=what)
+        except AssertionError as err:
+            raise AssertionError(f"{err}; last lists: { {r: self.view(r) for r in wanted} }") from None
+        self.took[what] = (time.perf_counter() - started) * 1000

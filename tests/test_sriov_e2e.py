@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import pytest
 from nodedev.api import deviceplugin_pb2 as pb
 from nodedev.drivers.sysfs_tree import SysfsTree
 from tests.conftest import NodedevProcess
-from tests.kubelet import KubeletDouble
+from tests.kubelet import KubeletDouble, Lists
 
 PF = "0000:3b:00.0"
 NET = "intel.com/sriov_net"
@@ -44,27 +43,6 @@ def config(tree: SysfsTree, info_dir: Path) -> dict[str, Any]:
     return {"hotplug": {"source": "auto", "resyncSeconds": 0}, "drivers": {"sriov": section}}
 
 
-class Lists:
-    """Waits for the kubelet's latest lists to read as expected, timing each change."""
-
-    def __init__(self, kubelet: KubeletDouble) -> None:
-        self.kubelet = kubelet
-        self.took: dict[str, float] = {}
-
-    def view(self, resource: str) -> dict[str, str] | None:
-        devices = self.kubelet.devices(resource)
-        return None if devices is None else {i: h for i, (h, _numa) in devices.items()}
-
-    def after(self, what: str, change: Callable[[], object], expected: dict[str, dict[str, str]]) -> None:
-        started = time.perf_counter()
-        change()
-        try:
-            self.kubelet.wait(lambda: all(self.view(r) == e for r, e in expected.items()), timeout=EVENT_TIMEOUT, what=what)
-        except AssertionError as err:
-            raise AssertionError(f"{err}; last lists: { {r: self.view(r) for r in expected} }") from None
-        self.took[what] = (time.perf_counter() - started) * 1000
-
-
 def healthy(*ids: str) -> dict[str, str]:
     return dict.fromkeys(ids, "Healthy")
 
@@ -74,7 +52,7 @@ def test_live_vf_changes_reach_the_kubelet_without_a_restart(tmp_path: Path, kub
     tree.add_pci(PF, driver="ice", total_vfs=8, netdev="ens1f0", numa_node=1)
     info_dir = tmp_path / "devinfo"
     process = nodedev(config(tree, info_dir))
-    lists = Lists(kubelet)
+    lists = Lists(kubelet, EVENT_TIMEOUT)
     kubelet.wait(lambda: lists.view(NET) == {} and lists.view(DPDK) == {}, timeout=10, what="both resources streaming empty lists")
     starts = process.line_count()
 
@@ -125,7 +103,7 @@ def test_a_real_pci_uevent_of_a_network_function_rescans_the_driver(tmp_path: Pa
     hidden = address
     tree.add_pci(hidden, pci_class=0x030000, driver="iavf")
     process = nodedev(config(tree, tmp_path / "devinfo"))
-    lists = Lists(kubelet)
+    lists = Lists(kubelet, EVENT_TIMEOUT)
     kubelet.wait(lambda: lists.view(NET) == {}, timeout=10, what="an empty list")
     (tree.device_dir(hidden) / "class").write_text("0x020000\n")  # in no watched directory
     lists.after("a kernel bind uevent", lambda: (Path("/sys/bus/pci/devices") / address / "uevent").write_text("bind\n"), {NET: healthy(hidden)})

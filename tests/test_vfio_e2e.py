@@ -7,7 +7,6 @@ off, so only the tree's own events can explain an update."""
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,36 +17,13 @@ from nodedev.api import deviceplugin_pb2 as pb
 from nodedev.drivers.vfio import simulate
 from nodedev.drivers.vfio.fixture import VfioFixture
 from tests.conftest import NodedevProcess
-from tests.kubelet import KubeletDouble
+from tests.kubelet import KubeletDouble, Lists
 from tests.test_vfio import NVME, Q1, T4, T4_ENV, V100
 
 EVENT_TIMEOUT = 3.0
 """Generous for a loaded 2-core machine shared with other tests; the figures are printed."""
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the fixture's character devices need root (mknod)")
-
-
-class Lists:
-    """Waits for the kubelet's latest list of a resource to read as expected, timing each change."""
-
-    def __init__(self, kubelet: KubeletDouble) -> None:
-        self.kubelet = kubelet
-        self.took: dict[str, float] = {}
-
-    def view(self, resource: str) -> dict[str, str] | None:
-        devices = self.kubelet.devices(resource)
-        return None if devices is None else {i: h for i, (h, _numa) in devices.items()}
-
-    def after(self, what: str, change: Callable[[], object], resource: str, expected: dict[str, str] | Callable[[], dict[str, str]]) -> None:
-        """`expected` may be a function, for a list that names what `change` made."""
-        started = time.perf_counter()
-        change()
-        wanted = expected() if callable(expected) else expected
-        try:
-            self.kubelet.wait(lambda: self.view(resource) == wanted, timeout=EVENT_TIMEOUT, what=what)
-        except AssertionError as err:
-            raise AssertionError(f"{err}; last list: {self.view(resource)}") from None
-        self.took[what] = (time.perf_counter() - started) * 1000
 
 
 def allocate(kubelet: KubeletDouble, resource: str, ids: list[str]) -> pb.ContainerAllocateResponse:
@@ -60,7 +36,7 @@ def test_live_vfio_changes_reach_the_kubelet_without_a_restart(tmp_path: Path, k
     node = simulate.build(tmp_path / "node")
     section = {"enabled": True, "sysfsRoot": str(node.sys), "devRoot": str(node.dev), "checkVfioApi": False, **simulate.PERMITTED}
     process = nodedev({"hotplug": {"source": "auto", "resyncSeconds": 0}, "drivers": {"vfio": section}})
-    lists = Lists(kubelet)
+    lists = Lists(kubelet, EVENT_TIMEOUT)
     gpu, spare = simulate.T4_GPUS
     g = {name: str(node.group_of(name)) for name in (gpu, spare, simulate.HELD_GPU, simulate.SHARED_GPU, *simulate.NVMES, *simulate.MDEVS)}
     t4 = {g[gpu]: "Healthy", g[spare]: "Healthy", g[simulate.HELD_GPU]: "Unhealthy"}
@@ -80,17 +56,17 @@ def test_live_vfio_changes_reach_the_kubelet_without_a_restart(tmp_path: Path, k
     kubelet.stub(V100).PreStartContainer(pb.PreStartContainerRequest(devices_ids=[g[simulate.SHARED_GPU]]), timeout=5)
 
     shared = g[simulate.SHARED_GPU]
-    lists.after("a group member rebound to a host driver", lambda: node.bind(simulate.SHARED_AUDIO, "snd_hda_intel"), V100, {shared: "Unhealthy"})
+    lists.after("a group member rebound to a host driver", lambda: node.bind(simulate.SHARED_AUDIO, "snd_hda_intel"), {V100: {shared: "Unhealthy"}})
     process.wait_log(f"{simulate.SHARED_AUDIO} (10de:10f2) is bound to snd_hda_intel, not vfio-pci", after=starts)
     with pytest.raises(grpc.RpcError) as refused:
         kubelet.stub(V100).PreStartContainer(pb.PreStartContainerRequest(devices_ids=[shared]), timeout=5)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "Unhealthy" in str(refused.value.details())
-    lists.after("the member back on vfio-pci", lambda: node.bind(simulate.SHARED_AUDIO, "vfio-pci"), V100, {shared: "Healthy"})
+    lists.after("the member back on vfio-pci", lambda: node.bind(simulate.SHARED_AUDIO, "vfio-pci"), {V100: {shared: "Healthy"}})
 
-    lists.after("the GPU rebound to nvidia", lambda: node.bind(spare, "nvidia"), T4, {**t4, g[spare]: "Unhealthy"})
-    lists.after("the GPU back on vfio-pci", lambda: node.bind(spare, "vfio-pci"), T4, t4)
-    lists.after("a group node removed", lambda: node.group_node(int(g[gpu])).unlink(), T4, {**t4, g[gpu]: "Unhealthy"})
-    lists.after("the group node back", lambda: node.tree.add_char(f"vfio/{g[gpu]}", 241, int(g[gpu])), T4, t4)
+    lists.after("the GPU rebound to nvidia", lambda: node.bind(spare, "nvidia"), {T4: {**t4, g[spare]: "Unhealthy"}})
+    lists.after("the GPU back on vfio-pci", lambda: node.bind(spare, "vfio-pci"), {T4: t4})
+    lists.after("a group node removed", lambda: node.group_node(int(g[gpu])).unlink(), {T4: {**t4, g[gpu]: "Unhealthy"}})
+    lists.after("the group node back", lambda: node.tree.add_char(f"vfio/{g[gpu]}", 241, int(g[gpu])), {T4: t4})
 
     added: dict[str, int] = {}
 
@@ -99,17 +75,17 @@ def test_live_vfio_changes_reach_the_kubelet_without_a_restart(tmp_path: Path, k
 
     nvmes = {g[a]: "Healthy" for a in simulate.NVMES}
     kubelet.wait(lambda: lists.view(NVME) == nvmes, timeout=EVENT_TIMEOUT, what="the NVMe list")
-    lists.after("an NVMe bound to vfio-pci", add_nvme, NVME, lambda: {**nvmes, str(added["group"]): "Healthy"})
-    lists.after("an NVMe unplugged", lambda: node.remove(simulate.NVMES[0]), NVME, {**nvmes, g[simulate.NVMES[0]]: "Unhealthy", str(added["group"]): "Healthy"})
+    lists.after("an NVMe bound to vfio-pci", add_nvme, {NVME: lambda: {**nvmes, str(added["group"]): "Healthy"}})
+    unplugged = {**nvmes, g[simulate.NVMES[0]]: "Unhealthy", str(added["group"]): "Healthy"}
+    lists.after("an NVMe unplugged", lambda: node.remove(simulate.NVMES[0]), {NVME: unplugged})
 
     first, second = list(simulate.MDEVS)[:2]
-    lists.after("an mdev removed", lambda: node.remove_mdev(first), Q1, {g[first]: "Unhealthy", g[second]: "Healthy"})
+    lists.after("an mdev removed", lambda: node.remove_mdev(first), {Q1: {g[first]: "Unhealthy", g[second]: "Healthy"}})
     new = "4b20d080-1b54-4048-85b3-a6a62d165c09"
     lists.after(
         "an mdev created",
         lambda: node.add_mdev(simulate.VGPU_PARENT, new, "nvidia-222", "GRID T4-1Q"),
-        Q1,
-        lambda: {g[first]: "Unhealthy", g[second]: "Healthy", str(node.group_of(new)): "Healthy"},
+        {Q1: lambda: {g[first]: "Unhealthy", g[second]: "Healthy", str(node.group_of(new)): "Healthy"}},
     )
     answer = allocate(kubelet, Q1, [str(node.group_of(new))])
     assert answer.envs["MDEV_PCI_RESOURCE_NVIDIA_COM_GRID_T4-1Q"] == new
@@ -122,9 +98,9 @@ def test_a_vfio_node_appearing_after_start_is_picked_up(tmp_path: Path, kubelet:
     node = VfioFixture(tmp_path / "node")
     section = {"enabled": True, "sysfsRoot": str(node.sys), "devRoot": str(node.dev), "checkVfioApi": False, **simulate.PERMITTED}
     nodedev({"hotplug": {"source": "auto", "resyncSeconds": 0}, "drivers": {"vfio": section}})
-    lists = Lists(kubelet)
+    lists = Lists(kubelet, EVENT_TIMEOUT)
     kubelet.wait(lambda: lists.view(T4) == {}, timeout=10, what="an empty list")
-    lists.after("the first GPU bound to vfio-pci", lambda: node.add_pci("0000:3b:00.0", vendor=simulate.NVIDIA, device=simulate.T4), T4, {"0": "Healthy"})
+    lists.after("the first GPU bound to vfio-pci", lambda: node.add_pci("0000:3b:00.0", vendor=simulate.NVIDIA, device=simulate.T4), {T4: {"0": "Healthy"}})
 
 
 def test_a_real_pci_uevent_rescans_the_driver(tmp_path: Path, kubelet: KubeletDouble, nodedev: Callable[..., NodedevProcess]) -> None:
@@ -139,7 +115,7 @@ def test_a_real_pci_uevent_rescans_the_driver(tmp_path: Path, kubelet: KubeletDo
     group = node.add_pci("0000:3b:00.0", vendor=simulate.NVIDIA, device=simulate.T4)
     section = {"enabled": True, "sysfsRoot": str(node.sys), "devRoot": str(node.dev), "checkVfioApi": False, **simulate.PERMITTED}
     nodedev({"hotplug": {"source": "auto", "resyncSeconds": 0}, "drivers": {"vfio": section}})
-    lists = Lists(kubelet)
+    lists = Lists(kubelet, EVENT_TIMEOUT)
     kubelet.wait(lambda: lists.view(T4) == {str(group): "Healthy"}, timeout=10, what="the first list")
     (node.sys / "kernel" / "iommu_groups" / str(group) / "name").write_text("vfio-noiommu\n")  # in no watched directory
-    lists.after("a kernel bind uevent", lambda: (Path("/sys/bus/pci/devices") / real[0] / "uevent").write_text("bind\n"), T4, {str(group): "Unhealthy"})
+    lists.after("a kernel bind uevent", lambda: (Path("/sys/bus/pci/devices") / real[0] / "uevent").write_text("bind\n"), {T4: {str(group): "Unhealthy"}})
