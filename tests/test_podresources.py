@@ -28,7 +28,7 @@ from nodedev.podresources import Kept, PodResourcesClient, hold_moved, left, soc
 from nodedev.podresources import log as podresources_log
 from tests import test_sriov_e2e as sriov
 from tests.conftest import NodedevProcess
-from tests.kubelet import KubeletDouble
+from tests.kubelet import KubeletDouble, Lists
 from tests.podresources import PodResourcesDouble
 from tests.test_inventory import ScriptedDriver, config, driver_class, progress, until
 
@@ -276,7 +276,7 @@ def test_a_vf_rebound_while_held_is_offered_under_its_new_resource_only_once_rel
     tree.add_pci(sriov.PF, driver="ice", total_vfs=8, netdev="ens1f0", numa_node=1)
     vfs = tree.set_numvfs(sriov.PF, 4)
     process = nodedev({**sriov.config(tree, tmp_path / "devinfo"), "pluginDir": str(kubelet_here.plugin_dir)})
-    lists = sriov.Lists(kubelet_here)
+    lists = Lists(kubelet_here, sriov.EVENT_TIMEOUT)
     kubelet_here.wait(lambda: lists.view(sriov.NET) == sriov.healthy(*vfs) and lists.view(sriov.DPDK) == {}, timeout=10, what="4 VFs listed")
     assert pod_resources.call_count() == 0, "nothing moved yet: the kubelet is not asked"
 
